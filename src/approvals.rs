@@ -1,0 +1,257 @@
+//! Approvals: people deciding pending proposals. One row per (proposal, person) makes a
+//! repeated approve count once; the proposal's row lock makes two approvers at once
+//! see each other, so the last needed approval creates exactly one mission.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::error::{OpsError, OpsResult};
+use crate::events::{self, NewEvent};
+use crate::notify;
+use crate::proposals::{self, ProposalStatus};
+use crate::telemetry;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Approve,
+    Reject,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Approve => "approve",
+            Decision::Reject => "reject",
+        }
+    }
+}
+
+/// The outcome of one person's decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct Decided {
+    pub proposal_id: i64,
+    pub template: String,
+    pub status: ProposalStatus,
+    pub approvals: i64,
+    pub approvals_needed: i32,
+    pub mission_id: Option<i64>,
+    /// False when this person had already approved: counted once.
+    pub counted: bool,
+}
+
+impl Decided {
+    /// One line for people: `proposal #12 approved (2/2 approvals): mission #7 started`.
+    pub fn describe(&self) -> String {
+        let id = self.proposal_id;
+        match (self.status, self.mission_id) {
+            (ProposalStatus::Approved, Some(m)) => {
+                format!("proposal #{id} approved: mission #{m} started")
+            }
+            (ProposalStatus::Rejected, _) => format!("proposal #{id} rejected"),
+            _ if !self.counted => format!(
+                "you already approved proposal #{id} ({}/{} approvals)",
+                self.approvals, self.approvals_needed
+            ),
+            _ => format!(
+                "proposal #{id}: {}/{} approvals, waiting for another approver",
+                self.approvals, self.approvals_needed
+            ),
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct Locked {
+    template: String,
+    status: String,
+    proposed_by: String,
+    approvals_needed: i32,
+    self_approval: bool,
+    decided_by: Option<String>,
+    decided_at: Option<DateTime<Utc>>,
+    expired: bool,
+}
+
+/// Approve or reject proposal `id` as `actor`. Refuses, with the current state and who
+/// decided, when the proposal is no longer pending.
+pub async fn decide(
+    pool: &PgPool,
+    id: i64,
+    actor: &str,
+    decision: Decision,
+    reason: Option<&str>,
+    source: &str,
+) -> OpsResult<Decided> {
+    let decided = decide_in(pool, id, actor, decision, reason, source).await;
+    let result = match &decided {
+        Ok(d) if !d.counted && d.status == ProposalStatus::Pending => "repeated",
+        Ok(d) => d.status.as_str(),
+        Err(OpsError::Refused(_)) => "refused",
+        Err(OpsError::BadInput(_)) => "bad_input",
+        Err(_) => "error",
+    };
+    telemetry::decision(decision.as_str(), result);
+    decided
+}
+
+async fn decide_in(
+    pool: &PgPool,
+    id: i64,
+    actor: &str,
+    decision: Decision,
+    reason: Option<&str>,
+    source: &str,
+) -> OpsResult<Decided> {
+    let mut tx = pool.begin().await?;
+    let p: Locked = sqlx::query_as(
+        "SELECT template, status, proposed_by, approvals_needed, self_approval, decided_by, decided_at,
+                (status = 'pending' AND expires_at <= now()) AS expired
+         FROM ops_mission_proposals WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| OpsError::bad_input(format!("there is no proposal #{id}")))?;
+
+    if p.expired {
+        expire(&mut tx, id, &p.template).await?;
+        tx.commit().await?;
+        return Err(OpsError::refused(format!("proposal #{id} has expired")));
+    }
+    if p.status != "pending" {
+        let by = p.decided_by.as_deref().unwrap_or("nobody");
+        let when = p
+            .decided_at
+            .map(|t| format!(" at {}", t.format("%Y-%m-%d %H:%M UTC")))
+            .unwrap_or_default();
+        return Err(OpsError::refused(format!(
+            "proposal #{id} is already {} (by {by}{when})",
+            p.status
+        )));
+    }
+    if decision == Decision::Approve && !p.self_approval && actor == p.proposed_by {
+        return Err(OpsError::refused(format!(
+            "proposal #{id} was proposed by you; it needs {} approvals from other people",
+            p.approvals_needed
+        )));
+    }
+
+    let inserted = sqlx::query(
+        "INSERT INTO ops_proposal_approvals (proposal_id, actor, decision, reason)
+         VALUES ($1, $2, $3, $4) ON CONFLICT (proposal_id, actor) DO NOTHING",
+    )
+    .bind(id)
+    .bind(actor)
+    .bind(decision.as_str())
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !inserted {
+        // This person decided before. A repeated approve counts once; changing one's
+        // mind from approve to reject is still a reject.
+        let previous: String = sqlx::query_scalar(
+            "SELECT decision FROM ops_proposal_approvals WHERE proposal_id = $1 AND actor = $2",
+        )
+        .bind(id)
+        .bind(actor)
+        .fetch_one(&mut *tx)
+        .await?;
+        if decision == Decision::Reject && previous == "approve" {
+            sqlx::query(
+                "UPDATE ops_proposal_approvals SET decision = 'reject', reason = $3, created_at = now()
+                 WHERE proposal_id = $1 AND actor = $2",
+            )
+            .bind(id)
+            .bind(actor)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+
+    let approvals: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM ops_proposal_approvals WHERE proposal_id = $1 AND decision = 'approve'",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+
+    let mut decided = Decided {
+        proposal_id: id,
+        template: p.template.clone(),
+        status: ProposalStatus::Pending,
+        approvals,
+        approvals_needed: p.approvals_needed,
+        mission_id: None,
+        counted: inserted,
+    };
+    match decision {
+        Decision::Reject => {
+            sqlx::query(
+                "UPDATE ops_mission_proposals
+                 SET status = 'rejected', decided_by = $2, decided_at = now(), reason = coalesce($3, reason)
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(actor)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+            events::emit(
+                &mut tx,
+                NewEvent::new("proposal.rejected", source.to_string())
+                    .proposal(id)
+                    .payload(json!({
+                        "template": p.template, "decided_by": actor, "reason": reason,
+                    })),
+            )
+            .await?;
+            decided.status = ProposalStatus::Rejected;
+        }
+        Decision::Approve if approvals >= i64::from(p.approvals_needed) => {
+            let approvers: Vec<String> = sqlx::query_scalar(
+                "SELECT actor FROM ops_proposal_approvals
+                 WHERE proposal_id = $1 AND decision = 'approve' ORDER BY id",
+            )
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mission = proposals::approve(&mut tx, id, &approvers.join(", "), source).await?;
+            decided.status = ProposalStatus::Approved;
+            decided.mission_id = Some(mission);
+        }
+        // A partial approval changes no status (no event), but prompts show `1/2 approvals`.
+        Decision::Approve if inserted => notify::refresh_prompts(&mut tx, id).await?,
+        Decision::Approve => {}
+    }
+    tx.commit().await?;
+    Ok(decided)
+}
+
+/// Mark one pending proposal expired, with its event.
+pub(crate) async fn expire(
+    conn: &mut sqlx::PgConnection,
+    id: i64,
+    template: &str,
+) -> OpsResult<()> {
+    sqlx::query(
+        "UPDATE ops_mission_proposals SET status = 'expired', decided_at = now(), decided_by = 'ttl'
+         WHERE id = $1 AND status = 'pending'",
+    )
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    events::emit(
+        conn,
+        NewEvent::new("proposal.expired", events::sources::HEARTBEAT)
+            .proposal(id)
+            .payload(json!({ "template": template })),
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! Button taps on approval prompts. Callback data is `a:ID` or `r:ID`; everything in it
+//! is checked again on every tap (role, state, self-approval) and every tap is answered
+//! at once. The prompts themselves are edited through the outbox.
+
+use std::sync::Arc;
+
+use teloxide::prelude::*;
+
+use super::access;
+use super::{BotState, HandlerResult};
+use crate::approvals::{self, Decision};
+use crate::error::OpsError;
+use crate::events::sources;
+use crate::notify::cut;
+use crate::users::Role;
+
+/// `a:12` → (Approve, 12). Anything else is refused.
+pub fn parse_data(data: &str) -> Option<(Decision, i64)> {
+    if data.len() > 64 {
+        return None;
+    }
+    let (action, id) = data.split_once(':')?;
+    let decision = match action {
+        "a" => Decision::Approve,
+        "r" => Decision::Reject,
+        _ => return None,
+    };
+    let id: i64 = id.parse().ok().filter(|id| *id > 0)?;
+    Some((decision, id))
+}
+
+pub async fn on_tap(bot: Bot, q: CallbackQuery, state: Arc<BotState>) -> HandlerResult {
+    let answer = decide(&state, &q).await;
+    // Callback answers are short (Telegram shows at most 200 characters).
+    bot.answer_callback_query(q.id.clone())
+        .text(cut(&answer, 190))
+        .await?;
+    Ok(())
+}
+
+async fn decide(state: &BotState, q: &CallbackQuery) -> String {
+    let id = q.from.id.0 as i64;
+    let user = match access::seen(&state.pool, &q.from, false).await {
+        Ok(user) => user,
+        Err(_) => return "Something went wrong; try again.".into(),
+    };
+    let Some(user) = user else {
+        return format!("Not authorized. Your Telegram id is {id}.");
+    };
+    if user.role().is_none_or(|r| r < Role::Approver) {
+        return format!(
+            "Not allowed: approving needs the approver role; you are {}.",
+            user.role
+        );
+    }
+    let Some((decision, proposal)) = q.data.as_deref().and_then(parse_data) else {
+        return "This button is not one of mine.".into();
+    };
+    match approvals::decide(
+        &state.pool,
+        proposal,
+        &access::actor(&q.from),
+        decision,
+        None,
+        sources::TELEGRAM,
+    )
+    .await
+    {
+        Ok(decided) => decided.describe(),
+        Err(OpsError::BadInput(m) | OpsError::Refused(m)) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "tap failed");
+            "Something went wrong; try again.".into()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callback_data_is_strict() {
+        assert_eq!(parse_data("a:12"), Some((Decision::Approve, 12)));
+        assert_eq!(parse_data("r:7"), Some((Decision::Reject, 7)));
+        for bad in [
+            "a:",
+            "a:-1",
+            "a:0",
+            "x:1",
+            "a:1:2",
+            "a:99999999999999999999",
+            "",
+            "a",
+            &"a:1".repeat(30),
+        ] {
+            assert_eq!(parse_data(bad), None, "{bad}");
+        }
+    }
+}

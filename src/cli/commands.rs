@@ -1,0 +1,390 @@
+//! One function per command. Input from the command line is validated here (ids,
+//! key=value params, names) before anything touches the database.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sqlx::postgres::PgListener;
+
+use super::{BenchCommand, Command, PolicyCommand, UsersCommand, show};
+use crate::approvals::{self, Decision};
+use crate::config::Settings;
+use crate::db::{self, Database, channels};
+use crate::error::{OpsError, OpsResult};
+use crate::events::{self, sources};
+use crate::gates;
+use crate::input::{parse_id, parse_params, parse_telegram_id};
+use crate::missions::{self, MissionStatus};
+use crate::policy::{self, store};
+use crate::proposals::{self, NewProposal, ProposalStatus, Source};
+use crate::users::{self, Role};
+use crate::{bench, daemon, logging, status};
+
+pub async fn run(command: Command) -> OpsResult<i32> {
+    let _ = dotenvy::dotenv();
+    let settings = Settings::from_env().map_err(|e| OpsError::bad_input(format!("{e:#}")))?;
+    let daemonish = matches!(command, Command::Run { .. } | Command::Worker { .. });
+    logging::init(settings.log_format, daemonish);
+
+    // Commands that need no database.
+    if let Command::Policy {
+        command: PolicyCommand::Check { file },
+    } = &command
+    {
+        return policy_check(file);
+    }
+    match command {
+        // Doctor reports an unreachable database instead of failing on it.
+        Command::Doctor { policy } => Ok(daemon::doctor(&settings, policy).await),
+        Command::Run { policy } => {
+            daemon::run(settings, policy).await?;
+            Ok(0)
+        }
+        Command::Worker { concurrency } => {
+            daemon::run_worker(settings, concurrency).await?;
+            Ok(0)
+        }
+        command => {
+            let db = Database::open(&settings, 4).await?;
+            let result = with_db(&db, &settings, command).await;
+            db.close().await;
+            result
+        }
+    }
+}
+
+async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsResult<i32> {
+    let pool = &db.pool;
+    db::migrate(pool).await?;
+    match command {
+        Command::Migrate => {
+            println!("migrations applied");
+            Ok(0)
+        }
+        Command::Tick => {
+            let summary = daemon::tick_once(pool, settings).await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&summary).unwrap_or_default()
+            );
+            Ok(0)
+        }
+        Command::Policy { command } => match command {
+            PolicyCommand::Check { file } => policy_check(&file),
+            PolicyCommand::Apply { file } => {
+                let source = read_file(&file)?;
+                let version = store::apply(pool, &source, &whoami(None)?).await?;
+                println!("policy {} applied as version {version}", file.display());
+                Ok(0)
+            }
+            PolicyCommand::Show => {
+                let applied = store::require(pool).await?;
+                println!("# policy version {}", applied.version);
+                print!("{}", applied.source);
+                Ok(0)
+            }
+        },
+        Command::Propose {
+            template,
+            params,
+            actor,
+            json,
+        } => {
+            let applied = store::require(pool).await?;
+            let request = NewProposal {
+                template,
+                params: parse_params(&params)?,
+                proposed_by: whoami(actor)?,
+                source: Source::Cli,
+            };
+            let proposed = proposals::propose(pool, &applied.policy, request).await?;
+            if json {
+                println!("{}", json!(proposed));
+            } else {
+                show::proposed(&proposed);
+            }
+            Ok(if proposed.status == ProposalStatus::Rejected {
+                3
+            } else {
+                0
+            })
+        }
+        Command::Approve { id, actor, json } => {
+            decide(pool, &id, actor, Decision::Approve, None, json).await
+        }
+        Command::Reject {
+            id,
+            actor,
+            reason,
+            json,
+        } => decide(pool, &id, actor, Decision::Reject, reason, json).await,
+        Command::Cancel { mission_id, actor } => {
+            let id = parse_id(&mission_id, "mission")?;
+            missions::cancel(pool, id, &whoami(actor)?, sources::CLI).await?;
+            println!("mission #{id} cancelled");
+            Ok(0)
+        }
+        Command::Status { json } => {
+            let status = status::status(pool).await?;
+            if json {
+                println!("{}", json!(status));
+            } else {
+                show::status(&status);
+            }
+            Ok(0)
+        }
+        Command::Missions {
+            status,
+            limit,
+            json,
+        } => {
+            let status = match status {
+                None => None,
+                Some(s) => Some(MissionStatus::parse(&s).ok_or_else(|| {
+                    OpsError::bad_input(format!(
+                        "unknown mission status {s:?} (running, succeeded, failed, cancelled)"
+                    ))
+                })?),
+            };
+            let list = missions::list(pool, status, limit.clamp(1, 1000)).await?;
+            if json {
+                println!("{}", json!(list));
+            } else {
+                show::missions(&list);
+            }
+            Ok(0)
+        }
+        Command::Mission { id, json } => {
+            let mission = missions::get(pool, parse_id(&id, "mission")?).await?;
+            if json {
+                println!("{}", json!(mission));
+            } else {
+                show::mission(&mission);
+            }
+            Ok(0)
+        }
+        Command::Events {
+            follow,
+            json,
+            limit,
+        } => events_command(pool, follow, json, limit.clamp(0, 10_000)).await,
+        Command::Emit { kind, payload } => {
+            let payload: Value = match payload {
+                None => json!({}),
+                Some(text) => serde_json::from_str(&text).map_err(|e| {
+                    OpsError::bad_input(format!("--payload is not valid JSON: {e}"))
+                })?,
+            };
+            let id = events::emit_user(pool, &kind, sources::CLI, payload).await?;
+            println!("event #{id} {kind} emitted");
+            Ok(0)
+        }
+        Command::Pause { actor } => {
+            let mut conn = pool.acquire().await?;
+            let changed = gates::set_paused(&mut conn, true, &whoami(actor)?).await?;
+            println!("{}", if changed { "paused" } else { "already paused" });
+            Ok(0)
+        }
+        Command::Resume {
+            template: None,
+            actor,
+        } => {
+            let mut conn = pool.acquire().await?;
+            let changed = gates::set_paused(&mut conn, false, &whoami(actor)?).await?;
+            println!("{}", if changed { "resumed" } else { "not paused" });
+            Ok(0)
+        }
+        Command::Resume {
+            template: Some(name),
+            actor: _,
+        } => {
+            let mut conn = pool.acquire().await?;
+            if gates::resume_template(&mut conn, &name).await? {
+                println!("template {name} resumed");
+                Ok(0)
+            } else {
+                Err(OpsError::refused(format!("template {name} is not paused")))
+            }
+        }
+        Command::Users { command } => users_command(pool, command).await,
+        Command::Bench { command } => {
+            let figures = match command {
+                BenchCommand::Worker {
+                    steps,
+                    workers,
+                    steps_per_mission,
+                    history,
+                } => bench::worker(db, steps, workers, steps_per_mission, history).await?,
+                BenchCommand::Latency { samples } => bench::latency(db, samples).await?,
+                BenchCommand::Tick { events, rules } => bench::tick(db, events, rules).await?,
+            };
+            println!("{figures}");
+            Ok(0)
+        }
+        Command::Doctor { .. } | Command::Run { .. } | Command::Worker { .. } => Ok(0),
+    }
+}
+
+fn policy_check(file: &std::path::Path) -> OpsResult<i32> {
+    let source = read_file(file)?;
+    match policy::parse(&source) {
+        Ok(policy) => {
+            println!(
+                "{}: ok ({} templates, {} reactions, {} triggers)",
+                file.display(),
+                policy.templates.len(),
+                policy.reactions.len(),
+                policy.triggers.len()
+            );
+            Ok(0)
+        }
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("{}", p.located(file));
+            }
+            eprintln!("{}: {} problem(s)", file.display(), problems.len());
+            Ok(2)
+        }
+    }
+}
+
+fn read_file(file: &std::path::Path) -> OpsResult<String> {
+    std::fs::read_to_string(file)
+        .map_err(|e| OpsError::bad_input(format!("cannot read {}: {e}", file.display())))
+}
+
+async fn decide(
+    pool: &sqlx::PgPool,
+    id: &str,
+    actor: Option<String>,
+    decision: Decision,
+    reason: Option<String>,
+    json: bool,
+) -> OpsResult<i32> {
+    let id = parse_id(id, "proposal")?;
+    let reason = reason.map(|r| r.trim().chars().take(1000).collect::<String>());
+    let decided = approvals::decide(
+        pool,
+        id,
+        &whoami(actor)?,
+        decision,
+        reason.as_deref(),
+        sources::CLI,
+    )
+    .await?;
+    if json {
+        println!("{}", json!(decided));
+    } else {
+        println!("{}", decided.describe());
+    }
+    Ok(0)
+}
+
+async fn users_command(pool: &sqlx::PgPool, command: UsersCommand) -> OpsResult<i32> {
+    match command {
+        UsersCommand::List { json } => {
+            let list = users::list(pool).await?;
+            if json {
+                println!("{}", json!(list));
+            } else {
+                show::users(&list);
+            }
+        }
+        UsersCommand::Grant { telegram_id, role } => {
+            let id = parse_telegram_id(&telegram_id)?;
+            let role: Role = role.parse()?;
+            users::grant(pool, id, role).await?;
+            println!("user {id} is now {role}");
+        }
+        UsersCommand::Revoke { telegram_id } => {
+            let id = parse_telegram_id(&telegram_id)?;
+            users::revoke(pool, id).await?;
+            println!("user {id} revoked");
+        }
+    }
+    Ok(0)
+}
+
+async fn events_command(
+    pool: &sqlx::PgPool,
+    follow: bool,
+    json: bool,
+    limit: i64,
+) -> OpsResult<i32> {
+    // Listen before reading the backlog, so nothing written in between is missed.
+    let mut listener = if follow {
+        let mut l = PgListener::connect_with(pool).await?;
+        l.listen(channels::EVENTS).await?;
+        Some(l)
+    } else {
+        None
+    };
+    let (backlog, mut cursor) = events::recent(pool, limit).await?;
+    let Some(listener) = listener.as_mut() else {
+        if json {
+            println!("{}", json!(backlog));
+        } else {
+            backlog
+                .iter()
+                .for_each(|e| println!("{}", events::describe(e)));
+        }
+        return Ok(0);
+    };
+    let print = |e: &events::Event| {
+        if json {
+            println!("{}", json!(e));
+        } else {
+            println!("{}", events::describe(e));
+        }
+    };
+    backlog.iter().for_each(print);
+    loop {
+        // A notification, or a poll every second so this works behind PgBouncer too.
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(0),
+            _ = tokio::time::timeout(Duration::from_secs(1), listener.try_recv()) => {}
+        }
+        // A notification can arrive before the writer's snapshot horizon moves on;
+        // look again shortly so nothing waits for the next poll.
+        for _ in 0..3 {
+            events::next(pool, &mut cursor)
+                .await?
+                .iter()
+                .for_each(print);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// `--as NAME`, or `cli:$USER`.
+fn whoami(actor: Option<String>) -> OpsResult<String> {
+    let name = match actor {
+        Some(name) => name.trim().to_string(),
+        None => format!("cli:{}", os_user()),
+    };
+    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+        return Err(OpsError::bad_input(
+            "--as NAME must be 1 to 64 printable characters",
+        ));
+    }
+    Ok(name)
+}
+
+/// `$USER`, else the passwd entry of this process's user (services often have no `$USER`).
+fn os_user() -> String {
+    if let Ok(user) = std::env::var("USER").or_else(|_| std::env::var("LOGNAME"))
+        && !user.trim().is_empty()
+    {
+        return user;
+    }
+    // SAFETY: getpwuid returns a pointer into static storage or null; we copy the name out at once.
+    unsafe {
+        let pw = libc::getpwuid(libc::geteuid());
+        if pw.is_null() || (*pw).pw_name.is_null() {
+            return format!("uid{}", libc::geteuid());
+        }
+        std::ffi::CStr::from_ptr((*pw).pw_name)
+            .to_string_lossy()
+            .into_owned()
+    }
+}

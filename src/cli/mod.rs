@@ -1,0 +1,258 @@
+//! The command line of design §2. Parsing and dispatch only: every command calls the
+//! library function that the bot and HTTP call too.
+
+mod commands;
+mod show;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::OpsError;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "opsloop",
+    version,
+    about = "Proposals, approvals and leased workers on PostgreSQL, with a Telegram bot in front"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The daemon: heartbeat, worker, notifier, Telegram bot (if a token is set), HTTP.
+    Run {
+        /// Policy file applied at start (also OPSLOOP_POLICY).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+    /// Step worker only, for extra hosts.
+    Worker {
+        #[arg(long)]
+        concurrency: Option<u32>,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Run one heartbeat tick, print its summary, exit.
+    Tick,
+    /// Check, apply or show the policy file.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Propose running TEMPLATE with key=value params.
+    Propose {
+        template: String,
+        /// Params as key=value.
+        params: Vec<String>,
+        /// Who proposes (default cli:$USER).
+        #[arg(long = "as", value_name = "NAME")]
+        actor: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve proposal ID.
+    Approve {
+        id: String,
+        #[arg(long = "as", value_name = "NAME")]
+        actor: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reject proposal ID.
+    Reject {
+        id: String,
+        #[arg(long = "as", value_name = "NAME")]
+        actor: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel mission MISSION_ID: queued steps are cancelled, a running step is killed.
+    Cancel {
+        mission_id: String,
+        #[arg(long = "as", value_name = "NAME")]
+        actor: Option<String>,
+    },
+    /// Counts by status, pending approvals, running missions, dead letters, workers, paused?
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent missions, newest first.
+    Missions {
+        /// Only missions with this status (running, succeeded, failed, cancelled).
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One mission with its steps.
+    Mission {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The event stream; live with --follow.
+    Events {
+        #[arg(long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+        /// How many recent events to show first.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Emit an event of your own KIND.
+    Emit {
+        kind: String,
+        /// A JSON object.
+        #[arg(long)]
+        payload: Option<String>,
+    },
+    /// Stop triggers, reactions and step claims (running steps finish).
+    Pause {
+        #[arg(long = "as", value_name = "NAME")]
+        actor: Option<String>,
+    },
+    /// Resume after `pause`; with TEMPLATE, lift that template's pause after failures.
+    Resume {
+        template: Option<String>,
+        #[arg(long = "as", value_name = "NAME")]
+        actor: Option<String>,
+    },
+    /// Telegram users and their roles.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Check the database, policy, Telegram token and API, clock, HTTP address.
+    Doctor {
+        /// Also check this policy file (default OPSLOOP_POLICY).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+    /// Built-in benchmarks: one JSON line per case (in a scratch database, dropped after).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Noop steps through the full lifecycle: steps/s and queue wait.
+    Worker {
+        #[arg(long, default_value_t = 20_000)]
+        steps: u32,
+        /// Concurrent step slots.
+        #[arg(long, default_value_t = 16)]
+        workers: u32,
+        #[arg(long, default_value_t = 1)]
+        steps_per_mission: u32,
+        /// Finished steps (with their events) already in the tables, for cost growth.
+        #[arg(long, default_value_t = 0)]
+        history: u32,
+    },
+    /// On an idle daemon: propose → first step started, and step ready → started.
+    Latency {
+        #[arg(long, default_value_t = 300)]
+        samples: u32,
+    },
+    /// Events processed by reactions: events/s.
+    Tick {
+        #[arg(long, default_value_t = 20_000)]
+        events: u32,
+        #[arg(long, default_value_t = 100)]
+        rules: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate FILE and print every problem with its location.
+    Check { file: PathBuf },
+    /// Validate FILE and store it (daemons on every host pick it up).
+    Apply { file: PathBuf },
+    /// Print the applied policy.
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give TELEGRAM_ID a ROLE (viewer, operator, approver, admin).
+    Grant {
+        telegram_id: String,
+        role: String,
+    },
+    Revoke {
+        telegram_id: String,
+    },
+}
+
+/// Parse the command line, run it, and return the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = err.print();
+                return if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    2
+                } else {
+                    0
+                };
+            }
+            // One clear line, as every other error.
+            let text = err.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("bad usage")
+                .trim_start_matches("error: ");
+            eprintln!("opsloop: {first} (see `opsloop --help`)");
+            return 2;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("opsloop: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(commands::run(cli.command)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("opsloop: {}", one_line(&err));
+            err.exit_code()
+        }
+    }
+}
+
+fn one_line(err: &OpsError) -> String {
+    // Policy problems are a list on purpose; everything else is one line.
+    match err {
+        OpsError::BadInput(msg) if msg.contains('\n') => msg.clone(),
+        other => other.to_string().replace('\n', " "),
+    }
+}

@@ -1,0 +1,213 @@
+//! The append-only event log. Every state change writes its event through here, in the
+//! same transaction as the change; NOTIFY is delivered on commit, so listeners never
+//! see an event whose change was rolled back.
+
+use std::borrow::Cow;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+
+use crate::error::{OpsError, OpsResult};
+
+/// Who wrote an event.
+pub mod sources {
+    pub const CLI: &str = "cli";
+    pub const TELEGRAM: &str = "telegram";
+    pub const HTTP: &str = "http";
+    pub const WORKER: &str = "worker";
+    pub const HEARTBEAT: &str = "heartbeat";
+}
+
+/// An event about to be written. Ids tie it to what it is about.
+#[derive(Debug, Clone, Default)]
+pub struct NewEvent {
+    pub kind: Cow<'static, str>,
+    pub source: String,
+    pub proposal_id: Option<i64>,
+    pub mission_id: Option<i64>,
+    pub step_id: Option<i64>,
+    pub payload: Value,
+}
+
+impl NewEvent {
+    pub fn new(kind: impl Into<Cow<'static, str>>, source: impl Into<String>) -> NewEvent {
+        NewEvent {
+            kind: kind.into(),
+            source: source.into(),
+            payload: Value::Object(Default::default()),
+            ..NewEvent::default()
+        }
+    }
+    pub fn proposal(mut self, id: i64) -> Self {
+        self.proposal_id = Some(id);
+        self
+    }
+    pub fn mission(mut self, id: i64) -> Self {
+        self.mission_id = Some(id);
+        self
+    }
+    pub fn step(mut self, id: i64) -> Self {
+        self.step_id = Some(id);
+        self
+    }
+    pub fn payload(mut self, payload: Value) -> Self {
+        self.payload = payload;
+        self
+    }
+}
+
+/// Append one event (and wake `events --follow` and the heartbeat) in the caller's transaction.
+pub async fn emit(conn: &mut PgConnection, event: NewEvent) -> OpsResult<i64> {
+    append(conn, &event.kind, &event.source, &event).await
+}
+
+/// A user's own event kind (CLI `emit`, HTTP `/api/events`), validated.
+pub async fn emit_user(pool: &PgPool, kind: &str, source: &str, payload: Value) -> OpsResult<i64> {
+    validate_user_kind(kind)?;
+    if !payload.is_object() {
+        return Err(OpsError::bad_input(
+            "the payload must be a JSON object, like {\"key\": \"value\"}",
+        ));
+    }
+    let mut tx = pool.begin().await?;
+    let event = NewEvent {
+        payload,
+        ..NewEvent::default()
+    };
+    let id = append(&mut tx, kind, source, &event).await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+async fn append(
+    conn: &mut PgConnection,
+    kind: &str,
+    source: &str,
+    event: &NewEvent,
+) -> OpsResult<i64> {
+    // The insert trigger sends the NOTIFY (see the migration).
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO ops_agent_events (kind, source, proposal_id, mission_id, step_id, payload)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+    )
+    .bind(kind)
+    .bind(source)
+    .bind(event.proposal_id)
+    .bind(event.mission_id)
+    .bind(event.step_id)
+    .bind(&event.payload)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(id)
+}
+
+/// Event kinds users may emit: `^[a-z][a-z0-9_.-]{0,63}$` (design §4).
+pub fn validate_user_kind(kind: &str) -> OpsResult<()> {
+    let ok = !kind.is_empty()
+        && kind.len() <= 64
+        && kind.as_bytes()[0].is_ascii_lowercase()
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(OpsError::bad_input(format!(
+            "event kind {kind:?} is not valid: lowercase letters, digits and _ . - (at most 64, starting with a letter)"
+        )))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Event {
+    pub id: i64,
+    pub kind: String,
+    pub source: String,
+    pub proposal_id: Option<i64>,
+    pub mission_id: Option<i64>,
+    pub step_id: Option<i64>,
+    pub payload: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+const EVENT_COLUMNS: &str =
+    "id, kind, source, proposal_id, mission_id, step_id, payload, created_at";
+
+/// A position in the event stream that never skips an event. Ids are taken at insert
+/// but transactions commit in any order, so reading `id > last` can pass over an event
+/// that commits late. Instead a follower reads transaction windows: every transaction
+/// below the snapshot's xmin has finished, so `[previous xmin, current xmin)` is complete.
+#[derive(Debug, Clone, Copy)]
+pub struct Cursor {
+    horizon: i64,
+}
+
+async fn horizon(pool: &PgPool) -> OpsResult<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// The newest `limit` finished events (oldest first), and a cursor just after them.
+pub async fn recent(pool: &PgPool, limit: i64) -> OpsResult<(Vec<Event>, Cursor)> {
+    let horizon = horizon(pool).await?;
+    let sql = format!(
+        "SELECT * FROM (SELECT {EVENT_COLUMNS} FROM ops_agent_events
+                        WHERE xid < $2::text::xid8 ORDER BY id DESC LIMIT $1) e
+         ORDER BY id"
+    );
+    let events = sqlx::query_as(&sql)
+        .bind(limit)
+        .bind(horizon.to_string())
+        .fetch_all(pool)
+        .await?;
+    Ok((events, Cursor { horizon }))
+}
+
+/// Events that finished since `cursor`, oldest id first; advances the cursor.
+pub async fn next(pool: &PgPool, cursor: &mut Cursor) -> OpsResult<Vec<Event>> {
+    let horizon = horizon(pool).await?;
+    if horizon <= cursor.horizon {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM ops_agent_events
+         WHERE xid >= $1::text::xid8 AND xid < $2::text::xid8 ORDER BY id"
+    );
+    let events = sqlx::query_as(&sql)
+        .bind(cursor.horizon.to_string())
+        .bind(horizon.to_string())
+        .fetch_all(pool)
+        .await?;
+    cursor.horizon = horizon;
+    Ok(events)
+}
+
+/// One line for people: `12:03:04 mission.started mission #7 deploy {..}`.
+pub fn describe(event: &Event) -> String {
+    let mut line = format!(
+        "{} #{} {}",
+        event.created_at.format("%Y-%m-%d %H:%M:%S%.3f"),
+        event.id,
+        event.kind
+    );
+    if let Some(id) = event.proposal_id {
+        line.push_str(&format!(" proposal #{id}"));
+    }
+    if let Some(id) = event.mission_id {
+        line.push_str(&format!(" mission #{id}"));
+    }
+    if let Some(id) = event.step_id {
+        line.push_str(&format!(" step #{id}"));
+    }
+    line.push_str(&format!(" ({})", event.source));
+    if event.payload.as_object().is_some_and(|m| !m.is_empty()) {
+        line.push(' ');
+        line.push_str(&event.payload.to_string());
+    }
+    line
+}

@@ -1,0 +1,269 @@
+//! `shell` steps: an argv run directly (never through a shell) in a process group of
+//! its own, so a timeout or a cancel kills everything it started.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{Outcome, StepContext, Tail, human_duration, millis, param_env_name};
+
+/// Variables of the daemon's own configuration that never reach a step's process.
+pub const SECRET_ENV: [&str; 3] = ["TELEGRAM_BOT_TOKEN", "OPS_KEY", "DATABASE_URL"];
+
+/// After the main process exits, how long its output pipes may stay open (held by
+/// background processes it left in its group) before the group is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// After a kill, how long to wait for the pipes to close before giving up on them
+/// (a process that left the group with `setsid` may still hold them).
+const KILL_GRACE: Duration = Duration::from_secs(1);
+
+pub(super) async fn run(
+    argv: &[String],
+    cwd: Option<&str>,
+    env: &BTreeMap<String, String>,
+    timeout: Option<Duration>,
+    ctx: &StepContext,
+) -> Outcome {
+    let Some((program, args)) = argv.split_first() else {
+        return Outcome::failed("cannot start: empty command");
+    };
+    if let Some(dir) = cwd
+        && !Path::new(dir).is_dir()
+    {
+        return Outcome::failed(format!(
+            "cannot start {program}: working directory {dir} does not exist"
+        ));
+    }
+
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    // The daemon's secrets are not the step's business.
+    for secret in SECRET_ENV {
+        cmd.env_remove(secret);
+    }
+    cmd.envs(env);
+    for (name, value) in &ctx.params {
+        cmd.env(param_env_name(name), value);
+    }
+    cmd.env("OPSLOOP_MISSION_ID", ctx.mission_id.to_string())
+        .env("OPSLOOP_STEP_ID", ctx.step_id.to_string())
+        .env("OPSLOOP_ATTEMPT", ctx.attempt.to_string());
+
+    let started = Instant::now();
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => return Outcome::failed(format!("cannot start {program}: {}", io_reason(&e))),
+    };
+    let Some(pid) = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok()) else {
+        return Outcome::failed(format!("cannot start {program}: no process id"));
+    };
+    // process_group(0): the child leads a new group whose id is its pid.
+    let mut group = GroupGuard {
+        pgid: pid,
+        armed: true,
+    };
+    tracing::debug!(program = %program, pid, step_id = ctx.step_id, "shell step started");
+
+    let mut stdout = Reader::spawn(child.stdout.take());
+    let mut stderr = Reader::spawn(child.stderr.take());
+
+    let deadline = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    #[derive(Clone, Copy)]
+    enum End {
+        Exited,
+        TimedOut,
+        Cancelled,
+    }
+    let (end, exited) = tokio::select! {
+        biased;
+        _ = ctx.cancel.cancelled() => (End::Cancelled, None),
+        status = child.wait() => (End::Exited, Some(status)),
+        _ = deadline => (End::TimedOut, None),
+    };
+    let status = match exited {
+        Some(status) => {
+            // The leader is gone; leftovers that still hold our pipes get a grace
+            // period, then the group is killed so the step can finish.
+            if !both_done(&mut stdout, &mut stderr, EXIT_GRACE).await {
+                group.kill();
+            }
+            status
+        }
+        None => {
+            // Kill before reaping: the unreaped leader keeps the group id reserved.
+            group.kill();
+            child.wait().await
+        }
+    };
+    group.armed = false;
+    both_done(&mut stdout, &mut stderr, KILL_GRACE).await;
+    let (out, err) = (stdout.finish(), stderr.finish());
+
+    let (exit_code, signal) = match &status {
+        Ok(s) => (s.code(), s.signal()),
+        Err(_) => (None, None),
+    };
+    let result = json!({
+        "exit_code": exit_code,
+        "signal": signal,
+        "stdout": out.text(),
+        "stderr": err.text(),
+        "truncated": { "stdout": out.truncated(), "stderr": err.truncated() },
+        "duration_ms": millis(started.elapsed()),
+    });
+    tracing::debug!(
+        pid,
+        ?exit_code,
+        ?signal,
+        step_id = ctx.step_id,
+        "shell step ended"
+    );
+
+    match end {
+        End::Cancelled => Outcome::Cancelled { result },
+        End::TimedOut => Outcome::Failed {
+            error: format!(
+                "timed out after {}",
+                human_duration(timeout.unwrap_or_default())
+            ),
+            result,
+        },
+        End::Exited => match (status, exit_code, signal) {
+            (Err(e), _, _) => Outcome::Failed {
+                error: format!("cannot wait for {program}: {}", io_reason(&e)),
+                result,
+            },
+            (Ok(_), Some(0), _) => Outcome::Succeeded { result },
+            (Ok(_), Some(code), _) => failed(format!("exit status {code}"), result),
+            (Ok(_), None, Some(sig)) => failed(format!("killed by signal {sig}"), result),
+            (Ok(s), None, None) => failed(format!("ended with {s}"), result),
+        },
+    }
+}
+
+fn failed(error: String, result: Value) -> Outcome {
+    Outcome::Failed { error, result }
+}
+
+/// "No such file or directory", without Rust's " (os error 2)" suffix.
+fn io_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// Kills the step's whole process group, including when the step's future is dropped
+/// midway (the worker's task aborted): no process outlives its step by accident.
+struct GroupGuard {
+    pgid: libc::pid_t,
+    armed: bool,
+}
+
+impl GroupGuard {
+    fn kill(&self) {
+        if self.pgid > 1 {
+            // SAFETY: kill(2) has no memory-safety preconditions; a negative pid
+            // addresses the process group. ESRCH (already gone) is fine.
+            unsafe {
+                libc::kill(-self.pgid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.kill();
+        }
+    }
+}
+
+/// Drains one pipe into a bounded `Tail` on its own task, so stdout and stderr are
+/// read concurrently and a full pipe never blocks the child.
+struct Reader {
+    tail: Arc<Mutex<Tail>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Reader {
+    fn spawn<R: AsyncRead + Unpin + Send + 'static>(pipe: Option<R>) -> Reader {
+        let tail = Arc::new(Mutex::new(Tail::new()));
+        let task = pipe.map(|mut pipe| {
+            let tail = Arc::clone(&tail);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                loop {
+                    match pipe.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => lock(&tail).push(&buf[..n]),
+                    }
+                }
+            })
+        });
+        Reader { tail, task }
+    }
+
+    /// Waits until `until` for the pipe to reach end of file; true when it did.
+    async fn wait_until(&mut self, until: Instant) -> bool {
+        let Some(task) = self.task.as_mut() else {
+            return true;
+        };
+        let done = tokio::time::timeout_at(until, task).await.is_ok();
+        if done {
+            self.task = None;
+        }
+        done
+    }
+
+    fn finish(mut self) -> Tail {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        std::mem::replace(&mut *lock(&self.tail), Tail::new())
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+fn lock(tail: &Mutex<Tail>) -> std::sync::MutexGuard<'_, Tail> {
+    tail.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Waits up to `grace` for both pipes to reach end of file; true when they did.
+async fn both_done(a: &mut Reader, b: &mut Reader, grace: Duration) -> bool {
+    let until = Instant::now() + grace;
+    let a_done = a.wait_until(until).await;
+    let b_done = b.wait_until(until).await;
+    a_done && b_done
+}

@@ -1,0 +1,274 @@
+//! Gates: the checks every proposal passes before approval (design §1, §5). Each is
+//! one small query, run inside the proposal's transaction under the proposals lock,
+//! so two proposals racing each other see each other's effect.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+
+use crate::error::OpsResult;
+use crate::events::{self, NewEvent};
+use crate::policy::{Policy, Template};
+use crate::proposals::Source;
+
+/// Why a proposal was refused: the gate's name and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub gate: &'static str,
+    pub reason: String,
+    /// For dedupe: the proposal this one duplicates.
+    pub existing: Option<i64>,
+}
+
+impl Refusal {
+    fn new(gate: &'static str, reason: String) -> Refusal {
+        Refusal {
+            gate,
+            reason,
+            existing: None,
+        }
+    }
+}
+
+/// Run the gates in order; the first that refuses decides.
+pub async fn check(
+    conn: &mut PgConnection,
+    policy: &Policy,
+    template: &Template,
+    params: &Value,
+    source: Source,
+) -> OpsResult<Option<Refusal>> {
+    let name = template.name.as_str();
+    if source.is_automatic() && is_paused(conn).await? {
+        return Ok(Some(Refusal::new(
+            "paused",
+            "opsloop is paused: triggers and reactions propose nothing until `resume`".into(),
+        )));
+    }
+    if let Some(failures) = template_paused(conn, name).await? {
+        return Ok(Some(Refusal::new(
+            "template_paused",
+            format!(
+                "template {name} is paused after {failures} failed missions in a row; an admin can `resume {name}`"
+            ),
+        )));
+    }
+    if let Some((existing, what)) = duplicate_of(conn, name, params).await? {
+        return Ok(Some(Refusal {
+            gate: "dedupe",
+            reason: format!(
+                "duplicate of proposal #{existing} ({what}) with the same template and params"
+            ),
+            existing: Some(existing),
+        }));
+    }
+    let pending = count_pending(conn).await?;
+    if pending >= i64::from(policy.gates.max_pending) {
+        return Ok(Some(Refusal::new(
+            "max_pending",
+            format!(
+                "{pending} proposals are waiting for a decision (max_pending = {}); decide some first",
+                policy.gates.max_pending
+            ),
+        )));
+    }
+    let Some(limits) = policy.gates.templates.get(&template.name) else {
+        return Ok(None);
+    };
+    if let Some(max) = limits.max_running {
+        let running = count_running(conn, name).await?;
+        if running >= i64::from(max) {
+            return Ok(Some(Refusal::new(
+                "max_running",
+                format!("{running} missions of {name} are running (max_running = {max})"),
+            )));
+        }
+    }
+    if let Some(cooldown) = limits.cooldown
+        && let Some((mission, at)) = last_mission(conn, name).await?
+    {
+        let since = Utc::now()
+            .signed_duration_since(at)
+            .to_std()
+            .unwrap_or_default();
+        if since < cooldown {
+            let wait = humantime::format_duration(round_secs(cooldown - since));
+            return Ok(Some(Refusal::new(
+                "cooldown",
+                format!(
+                    "cooldown: mission #{mission} of {name} started {} ago; next one allowed in {wait}",
+                    humantime::format_duration(round_secs(since))
+                ),
+            )));
+        }
+    }
+    if let Some(cap) = limits.daily_cap {
+        let today = count_today(conn, name).await?;
+        if today >= i64::from(cap) {
+            return Ok(Some(Refusal::new(
+                "daily_cap",
+                format!("{today} missions of {name} today (daily_cap = {cap}, UTC day)"),
+            )));
+        }
+    }
+    Ok(None)
+}
+
+fn round_secs(d: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_secs(d.as_secs().max(1))
+}
+
+pub async fn is_paused(conn: &mut PgConnection) -> OpsResult<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT coalesce((SELECT (value->>'paused')::boolean FROM ops_policy WHERE key = 'paused'), false)",
+    )
+    .fetch_one(conn)
+    .await?)
+}
+
+/// The pause switch. Returns false when it was already in that position.
+pub async fn set_paused(conn: &mut PgConnection, paused: bool, by: &str) -> OpsResult<bool> {
+    let was = is_paused(conn).await?;
+    if was == paused {
+        return Ok(false);
+    }
+    sqlx::query(
+        "INSERT INTO ops_policy (key, value, updated_at) VALUES ('paused', $1, now())
+         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
+    )
+    .bind(json!({ "paused": paused, "by": by }))
+    .execute(&mut *conn)
+    .await?;
+    let kind = if paused {
+        "system.paused"
+    } else {
+        "system.resumed"
+    };
+    events::emit(
+        conn,
+        NewEvent::new(kind, by.to_string()).payload(json!({ "by": by })),
+    )
+    .await?;
+    if !paused {
+        // Steps queued while paused are claimable again.
+        sqlx::query("SELECT pg_notify('ops_steps_ready', '')")
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(true)
+}
+
+async fn template_paused(conn: &mut PgConnection, template: &str) -> OpsResult<Option<i64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT (value->$1->>'failures')::bigint FROM ops_policy WHERE key = 'paused_templates'",
+    )
+    .bind(template)
+    .fetch_optional(conn)
+    .await?
+    .flatten())
+}
+
+/// Pause a template after `failures` failed missions in a row (pause_after_failures).
+pub async fn pause_template(
+    conn: &mut PgConnection,
+    template: &str,
+    failures: i64,
+) -> OpsResult<()> {
+    sqlx::query(
+        "INSERT INTO ops_policy (key, value, updated_at)
+         VALUES ('paused_templates', jsonb_build_object($1::text, jsonb_build_object('failures', $2::bigint, 'at', now())), now())
+         ON CONFLICT (key) DO UPDATE
+           SET value = ops_policy.value || EXCLUDED.value, updated_at = now()",
+    )
+    .bind(template)
+    .bind(failures)
+    .execute(&mut *conn)
+    .await?;
+    events::emit(
+        conn,
+        NewEvent::new("template.paused", events::sources::HEARTBEAT)
+            .payload(json!({ "template": template, "failures": failures })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Lift a template's pause. Returns whether it was paused.
+pub async fn resume_template(conn: &mut PgConnection, template: &str) -> OpsResult<bool> {
+    let done = sqlx::query(
+        "UPDATE ops_policy SET value = value - $1, updated_at = now()
+         WHERE key = 'paused_templates' AND value ? $1",
+    )
+    .bind(template)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+pub async fn paused_templates(conn: &mut PgConnection) -> OpsResult<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT jsonb_object_keys(value) FROM ops_policy WHERE key = 'paused_templates' ORDER BY 1",
+    )
+    .fetch_all(conn)
+    .await?)
+}
+
+/// A pending proposal, or one whose mission runs, with the same template and params.
+async fn duplicate_of(
+    conn: &mut PgConnection,
+    template: &str,
+    params: &Value,
+) -> OpsResult<Option<(i64, String)>> {
+    let row: Option<(i64, String)> = sqlx::query_as(
+        "SELECT p.id, CASE WHEN p.status = 'pending' THEN 'pending' ELSE 'mission #' || m.id || ' running' END
+         FROM ops_mission_proposals p
+         LEFT JOIN ops_missions m ON m.proposal_id = p.id
+         WHERE p.template = $1 AND p.params = $2
+           AND ((p.status = 'pending' AND p.expires_at > now()) OR m.status = 'running')
+         ORDER BY p.id DESC LIMIT 1",
+    )
+    .bind(template)
+    .bind(params)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row)
+}
+
+async fn count_pending(conn: &mut PgConnection) -> OpsResult<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM ops_mission_proposals WHERE status = 'pending' AND expires_at > now()",
+    )
+    .fetch_one(conn)
+    .await?)
+}
+
+async fn count_running(conn: &mut PgConnection, template: &str) -> OpsResult<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM ops_missions WHERE template = $1 AND status = 'running'",
+    )
+    .bind(template)
+    .fetch_one(conn)
+    .await?)
+}
+
+async fn last_mission(
+    conn: &mut PgConnection,
+    template: &str,
+) -> OpsResult<Option<(i64, DateTime<Utc>)>> {
+    Ok(sqlx::query_as(
+        "SELECT id, created_at FROM ops_missions WHERE template = $1 ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(template)
+    .fetch_optional(conn)
+    .await?)
+}
+
+async fn count_today(conn: &mut PgConnection, template: &str) -> OpsResult<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM ops_missions
+         WHERE template = $1 AND created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
+    )
+    .bind(template)
+    .fetch_one(conn)
+    .await?)
+}

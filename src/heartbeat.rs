@@ -1,0 +1,223 @@
+//! The heartbeat tick (design §5): due triggers → unprocessed events through the
+//! reactions → expired leases recovered → pending proposals expired → missions
+//! finalized → one `ops_action_runs` row. One tick at a time across all hosts: a
+//! session advisory lock, released on disconnect if the holder dies.
+
+use std::time::Instant;
+
+use chrono::Utc;
+use serde::Serialize;
+use serde_json::json;
+use sqlx::{PgPool, Postgres, pool::PoolConnection};
+
+use crate::approvals;
+use crate::db::locks;
+use crate::error::OpsResult;
+use crate::events::{self, NewEvent, sources};
+use crate::gates;
+use crate::missions::progress;
+use crate::policy::Policy;
+use crate::telemetry;
+use crate::{reactions, retention, triggers};
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct TickSummary {
+    /// False when another process held the heartbeat lock: nothing was done.
+    pub ran: bool,
+    pub triggers_fired: u64,
+    pub events_processed: u64,
+    pub reactions_proposed: u64,
+    pub reactions_skipped: u64,
+    pub leases_recovered: u64,
+    pub steps_failed: u64,
+    pub proposals_expired: u64,
+    pub missions_finalized: u64,
+    pub deleted: retention::Deleted,
+    pub duration_ms: u64,
+}
+
+/// Run one tick if no other process is ticking.
+pub async fn tick(pool: &PgPool, policy: &Policy) -> OpsResult<TickSummary> {
+    let started = Instant::now();
+    let summary = tick_locked(pool, policy).await;
+    let outcome = match &summary {
+        Ok(s) if s.ran => "ran",
+        Ok(_) => "skipped",
+        Err(_) => "error",
+    };
+    telemetry::tick(outcome, started.elapsed());
+    summary
+}
+
+async fn tick_locked(pool: &PgPool, policy: &Policy) -> OpsResult<TickSummary> {
+    let mut lock: PoolConnection<Postgres> = pool.acquire().await?;
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(locks::HEARTBEAT)
+        .fetch_one(&mut *lock)
+        .await?;
+    if !got {
+        return Ok(TickSummary::default());
+    }
+    let outcome = phases(pool, policy).await;
+    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(locks::HEARTBEAT)
+        .execute(&mut *lock)
+        .await;
+    if unlocked.is_err() {
+        // Never hand a connection that may still hold the lock back to the pool.
+        let _ = lock.detach();
+    }
+    outcome
+}
+
+async fn phases(pool: &PgPool, policy: &Policy) -> OpsResult<TickSummary> {
+    let started = Instant::now();
+    let started_at = Utc::now();
+    let mut s = TickSummary {
+        ran: true,
+        ..TickSummary::default()
+    };
+    let paused = gates::is_paused(&mut *pool.acquire().await?).await?;
+    s.triggers_fired = triggers::fire_due(pool, policy, Utc::now(), paused).await?;
+    let r = reactions::process(pool, policy, paused).await?;
+    s.events_processed = r.events;
+    s.reactions_proposed = r.proposed;
+    s.reactions_skipped = r.skipped;
+    (s.leases_recovered, s.steps_failed) = recover_leases(pool, policy).await?;
+    s.proposals_expired = expire_proposals(pool).await?;
+    s.missions_finalized = finalize_missions(pool).await?;
+    s.deleted = retention::enforce(pool, &policy.retention).await?;
+    s.duration_ms = started.elapsed().as_millis() as u64;
+    sqlx::query(
+        "INSERT INTO ops_action_runs (kind, outcome, summary, started_at, finished_at)
+         VALUES ('tick', 'ok', $1, $2, now())",
+    )
+    .bind(json!(s))
+    .bind(started_at)
+    .execute(pool)
+    .await?;
+    Ok(s)
+}
+
+#[derive(sqlx::FromRow)]
+struct Expired {
+    id: i64,
+    mission_id: i64,
+    name: String,
+    attempts: i32,
+    max_attempts: i32,
+    lease_owner: Option<String>,
+    mission_status: String,
+}
+
+/// Steps whose worker stopped renewing: back to the queue, or failed when out of attempts.
+async fn recover_leases(pool: &PgPool, policy: &Policy) -> OpsResult<(u64, u64)> {
+    let mut tx = pool.begin().await?;
+    let expired: Vec<Expired> = sqlx::query_as(
+        "SELECT s.id, s.mission_id, s.name, s.attempts, s.max_attempts, s.lease_owner, m.status AS mission_status
+         FROM ops_mission_steps s JOIN ops_missions m ON m.id = s.mission_id
+         WHERE s.status = 'running' AND s.lease_expires_at < now()
+         ORDER BY s.lease_expires_at LIMIT 500
+         FOR UPDATE OF s SKIP LOCKED",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let (mut recovered, mut failed) = (0, 0);
+    for step in &expired {
+        let owner = step.lease_owner.as_deref().unwrap_or("unknown");
+        let error = format!("lease expired: worker {owner} stopped renewing it");
+        let next = if step.mission_status == "cancelled" {
+            "cancelled"
+        } else if step.attempts < step.max_attempts {
+            "queued"
+        } else {
+            "failed"
+        };
+        sqlx::query(
+            "UPDATE ops_mission_steps SET status = $2, error = $3, lease_owner = NULL, lease_expires_at = NULL,
+                    run_after = now(), finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE now() END
+             WHERE id = $1",
+        )
+        .bind(step.id)
+        .bind(next)
+        .bind(&error)
+        .execute(&mut *tx)
+        .await?;
+        match next {
+            "queued" => {
+                recovered += 1;
+                events::emit(
+                    &mut tx,
+                    NewEvent::new("step.recovered", sources::HEARTBEAT)
+                        .mission(step.mission_id)
+                        .step(step.id)
+                        .payload(json!({
+                            "name": step.name, "attempt": step.attempts, "previous_owner": owner,
+                        })),
+                )
+                .await?;
+            }
+            "failed" => {
+                failed += 1;
+                progress::fail_for_good(
+                    &mut tx,
+                    step.id,
+                    step.mission_id,
+                    &step.name,
+                    step.attempts,
+                    &error,
+                    policy.gates.pause_after_failures,
+                )
+                .await?;
+            }
+            _ => {}
+        }
+    }
+    if recovered > 0 {
+        sqlx::query("SELECT pg_notify('ops_steps_ready', '')")
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    telemetry::step_outcome("recovered", recovered);
+    telemetry::step_outcome("failed", failed);
+    Ok((recovered, failed))
+}
+
+async fn expire_proposals(pool: &PgPool) -> OpsResult<u64> {
+    let mut tx = pool.begin().await?;
+    let due: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT id, template FROM ops_mission_proposals
+         WHERE status = 'pending' AND expires_at <= now()
+         ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for (id, template) in &due {
+        approvals::expire(&mut tx, *id, template).await?;
+    }
+    tx.commit().await?;
+    Ok(due.len() as u64)
+}
+
+/// A safety net: missions whose steps all succeeded but that are still running (the
+/// worker's own finalization is the usual path). Idempotent.
+async fn finalize_missions(pool: &PgPool) -> OpsResult<u64> {
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT m.id FROM ops_missions m
+         WHERE m.status = 'running'
+           AND NOT EXISTS (SELECT 1 FROM ops_mission_steps s WHERE s.mission_id = m.id AND s.status <> 'succeeded')
+         LIMIT 500",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut n = 0;
+    for id in ids {
+        let mut tx = pool.begin().await?;
+        if progress::finalize(&mut tx, id).await? {
+            n += 1;
+        }
+        tx.commit().await?;
+    }
+    Ok(n)
+}

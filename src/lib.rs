@@ -1,0 +1,30 @@
+//! opsloop: a Telegram bot in front of an orchestration daemon. See ARCHITECTURE.md.
+
+pub mod approvals;
+pub mod bench;
+pub mod bot;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod doctor;
+pub mod error;
+pub mod events;
+pub mod executors;
+pub mod gates;
+pub mod heartbeat;
+pub mod http;
+pub mod input;
+pub mod logging;
+pub mod missions;
+pub mod notify;
+pub mod policy;
+pub mod proposals;
+pub mod reactions;
+pub mod retention;
+pub mod status;
+pub mod steps;
+pub mod telemetry;
+pub mod triggers;
+pub mod users;
+pub mod worker;

@@ -1,0 +1,249 @@
+//! What a notification says, rendered from the current state when it is sent (so a
+//! burst of changes becomes one up-to-date message). HTML, every user-supplied string
+//! escaped, under Telegram's 4096 characters.
+
+use serde_json::Value;
+use sqlx::PgPool;
+use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup};
+
+use super::{MAX_TEXT, cut, escape};
+use crate::error::{OpsError, OpsResult};
+use crate::missions;
+use crate::proposals;
+
+/// A message ready to send: text and, for open prompts, the buttons.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    pub text: String,
+    pub buttons: Option<InlineKeyboardMarkup>,
+}
+
+impl Rendered {
+    fn text(text: String) -> Rendered {
+        Rendered {
+            text: fit(text),
+            buttons: None,
+        }
+    }
+}
+
+/// Keep a rendered message under the limit (cutting at a line so no tag is split).
+fn fit(text: String) -> String {
+    if text.chars().count() <= MAX_TEXT {
+        return text;
+    }
+    let mut out = String::new();
+    for line in text.lines() {
+        if out.chars().count() + line.chars().count() + 40 > MAX_TEXT {
+            out.push_str("… (cut: see `opsloop mission ID`)");
+            break;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// Callback data of the prompt buttons: `a:ID` / `r:ID` (well within 64 bytes).
+pub fn approve_data(id: i64) -> String {
+    format!("a:{id}")
+}
+pub fn reject_data(id: i64) -> String {
+    format!("r:{id}")
+}
+
+fn params_lines(params: &Value) -> String {
+    match params.as_object() {
+        Some(map) if !map.is_empty() => map
+            .iter()
+            .map(|(k, v)| {
+                let v = v
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string());
+                format!(
+                    "{} = <code>{}</code>\n",
+                    escape(&cut(k, 64)),
+                    escape(&cut(&v, 300))
+                )
+            })
+            .collect(),
+        _ => String::new(),
+    }
+}
+
+/// The approval prompt of a proposal, as it stands now.
+pub async fn prompt(pool: &PgPool, proposal_id: i64) -> OpsResult<Rendered> {
+    let p = proposals::get(pool, proposal_id).await?;
+    let risk_mark = match p.risk.as_str() {
+        "red" => "🔴",
+        "high" => "🟠",
+        _ => "🟢",
+    };
+    let mut text = format!(
+        "{risk_mark} <b>proposal #{}</b> · {} · {} risk\n{}proposed by {}\n",
+        p.id,
+        escape(&p.template),
+        escape(&p.risk),
+        params_lines(&p.params),
+        escape(&who(pool, &p.proposed_by).await)
+    );
+    let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+            .unwrap_or_default()
+    };
+    let open = p.status == "pending" && p.expires_at.is_none_or(|e| e > chrono::Utc::now());
+    match p.status.as_str() {
+        "approved" => {
+            text.push_str(&format!(
+                "\n✅ <b>approved</b> by {} at {}",
+                escape(&people(pool, &p.approvers).await),
+                when(p.decided_at)
+            ));
+            if let Some(m) = p.mission_id {
+                text.push_str(&format!(" → mission #{m}"));
+            }
+        }
+        "rejected" => text.push_str(&format!(
+            "\n❌ <b>rejected</b> by {} at {}{}",
+            escape(&who(pool, p.decided_by.as_deref().unwrap_or("?")).await),
+            when(p.decided_at),
+            p.reason
+                .as_deref()
+                .map(|r| format!(": {}", escape(&cut(r, 500))))
+                .unwrap_or_default()
+        )),
+        "expired" => text.push_str(&format!("\n⌛ <b>expired</b> at {}", when(p.decided_at))),
+        _ if !open => text.push_str("\n⌛ <b>expired</b>"),
+        _ => {
+            text.push_str(&format!(
+                "\n{}/{} approvals",
+                p.approvals, p.approvals_needed
+            ));
+            if !p.approvers.is_empty() {
+                text.push_str(&format!(" ({})", escape(&people(pool, &p.approvers).await)));
+            }
+        }
+    }
+    let buttons = open.then(|| {
+        InlineKeyboardMarkup::new([[
+            InlineKeyboardButton::callback("✅ Approve", approve_data(p.id)),
+            InlineKeyboardButton::callback("❌ Reject", reject_data(p.id)),
+        ]])
+    });
+    Ok(Rendered {
+        text: fit(text),
+        buttons,
+    })
+}
+
+/// The card of a mission, as it stands now.
+pub async fn mission(pool: &PgPool, mission_id: i64) -> OpsResult<Rendered> {
+    let v = missions::get(pool, mission_id).await?;
+    let m = &v.mission;
+    let mark = match m.status.as_str() {
+        "succeeded" => "✅",
+        "failed" => "❌",
+        "cancelled" => "⏹",
+        _ => "▶️",
+    };
+    let mut text = format!(
+        "{mark} <b>mission #{}</b> · {} · {}\n{}",
+        m.id,
+        escape(&m.template),
+        m.status,
+        params_lines(&v.params)
+    );
+    for s in &v.steps {
+        let icon = match s.status.as_str() {
+            "succeeded" => "✅",
+            "failed" => "❌",
+            "running" => "⏳",
+            "queued" => "🔁",
+            "cancelled" => "⏹",
+            _ => "▫️",
+        };
+        text.push_str(&format!("{icon} {}", escape(&s.name)));
+        if s.attempts > 1 || (s.status == "queued" && s.attempts > 0) {
+            text.push_str(&format!(" (attempt {}/{})", s.attempts, s.max_attempts));
+        }
+        text.push('\n');
+    }
+    if let Some(e) = &m.error {
+        text.push_str(&format!("\n{}", escape(&cut(e, 1000))));
+    }
+    Ok(Rendered::text(text))
+}
+
+/// A standalone message about one event.
+pub async fn event(pool: &PgPool, event_id: i64) -> OpsResult<Rendered> {
+    let e: (String, Option<i64>, Value) =
+        sqlx::query_as("SELECT kind, mission_id, payload FROM ops_agent_events WHERE id = $1")
+            .bind(event_id)
+            .fetch_optional(pool)
+            .await?
+            .ok_or_else(|| OpsError::bad_input(format!("there is no event #{event_id}")))?;
+    let (kind, mission, payload) = e;
+    let s = |key: &str| {
+        payload
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let text = match kind.as_str() {
+        "mission.failed" => format!(
+            "❌ <b>mission #{}</b> ({}) failed at step {}: {}",
+            mission.unwrap_or(0),
+            escape(&s("template")),
+            escape(&s("step")),
+            escape(&cut(&s("error"), 1000))
+        ),
+        "template.paused" => format!(
+            "⏸ template <b>{}</b> is paused after {} failed missions in a row. An admin can /resume {}",
+            escape(&s("template")),
+            payload.get("failures").and_then(Value::as_i64).unwrap_or(0),
+            escape(&s("template"))
+        ),
+        "system.paused" => format!("⏸ opsloop paused by {}", escape(&s("by"))),
+        "system.resumed" => format!("▶️ opsloop resumed by {}", escape(&s("by"))),
+        other => format!(
+            "🔔 <b>{}</b>{}\n<code>{}</code>",
+            escape(other),
+            mission
+                .map(|m| format!(" · mission #{m}"))
+                .unwrap_or_default(),
+            escape(&cut(&payload.to_string(), 1500))
+        ),
+    };
+    Ok(Rendered::text(text))
+}
+
+/// `tg:123` → `Ann (tg:123)` when we know the name; other actors as they are.
+async fn who(pool: &PgPool, actor: &str) -> String {
+    let Some(id) = actor
+        .strip_prefix("tg:")
+        .and_then(|s| s.parse::<i64>().ok())
+    else {
+        return actor.to_string();
+    };
+    let name: Option<Option<String>> =
+        sqlx::query_scalar("SELECT name FROM ops_users WHERE telegram_id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await
+            .ok()
+            .flatten();
+    match name.flatten() {
+        Some(name) => format!("{} ({actor})", cut(&name, 64)),
+        None => actor.to_string(),
+    }
+}
+
+async fn people(pool: &PgPool, actors: &[String]) -> String {
+    let mut names = Vec::with_capacity(actors.len());
+    for a in actors {
+        names.push(who(pool, a).await);
+    }
+    names.join(", ")
+}

@@ -1,0 +1,349 @@
+//! The single entry point: every proposal, from Telegram, the CLI, HTTP, a reaction or
+//! a trigger, is created here: validate → gate → record → maybe auto-approve, in one
+//! transaction with its events.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool};
+
+use crate::db::{self, locks};
+use crate::error::{OpsError, OpsResult};
+use crate::events::{self, NewEvent};
+use crate::gates;
+use crate::missions::{self, PlannedStep};
+use crate::policy::{Policy, Risk, Template};
+use crate::telemetry;
+
+/// Where a proposal came from. Reactions and triggers are automatic: the pause switch
+/// refuses them, while people's proposals are still accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Telegram,
+    Cli,
+    Http,
+    Reaction,
+    Trigger,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Telegram => "telegram",
+            Source::Cli => "cli",
+            Source::Http => "http",
+            Source::Reaction => "reaction",
+            Source::Trigger => "trigger",
+        }
+    }
+
+    pub fn is_automatic(self) -> bool {
+        matches!(self, Source::Reaction | Source::Trigger)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProposalStatus {
+    Pending,
+    Approved,
+    Rejected,
+    Expired,
+}
+
+impl ProposalStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProposalStatus::Pending => "pending",
+            ProposalStatus::Approved => "approved",
+            ProposalStatus::Rejected => "rejected",
+            ProposalStatus::Expired => "expired",
+        }
+    }
+}
+
+impl fmt::Display for ProposalStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ProposalStatus {
+    type Err = OpsError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "pending" => ProposalStatus::Pending,
+            "approved" => ProposalStatus::Approved,
+            "rejected" => ProposalStatus::Rejected,
+            "expired" => ProposalStatus::Expired,
+            other => {
+                return Err(OpsError::Other(anyhow::anyhow!(
+                    "unknown proposal status {other}"
+                )));
+            }
+        })
+    }
+}
+
+/// A request to run a template, before validation.
+#[derive(Debug, Clone)]
+pub struct NewProposal {
+    pub template: String,
+    pub params: BTreeMap<String, String>,
+    pub proposed_by: String,
+    pub source: Source,
+}
+
+/// What became of a proposal. `propose --json` prints this.
+#[derive(Debug, Clone, Serialize)]
+pub struct Proposed {
+    pub id: i64,
+    pub status: ProposalStatus,
+    pub mission_id: Option<i64>,
+    pub reason: Option<String>,
+    pub template: String,
+    pub risk: Risk,
+    pub approvals_needed: i32,
+    /// For a duplicate: the proposal it duplicates.
+    pub existing_id: Option<i64>,
+}
+
+/// Create a proposal in its own transaction.
+pub async fn propose(pool: &PgPool, policy: &Policy, request: NewProposal) -> OpsResult<Proposed> {
+    let (template, params) = validate(policy, &request)?;
+    let mut tx = pool.begin().await?;
+    let proposed = propose_in(&mut tx, policy, template, params, &request).await?;
+    tx.commit().await?;
+    Ok(proposed)
+}
+
+/// Check the template and params; bad input changes nothing.
+pub fn validate<'p>(
+    policy: &'p Policy,
+    request: &NewProposal,
+) -> OpsResult<(&'p Template, BTreeMap<String, String>)> {
+    let Some(template) = policy.template(&request.template) else {
+        let known: Vec<&str> = policy.templates.keys().map(|k| k.as_str()).collect();
+        return Err(OpsError::bad_input(format!(
+            "unknown template {:?} (templates: {})",
+            request.template,
+            if known.is_empty() {
+                "none; apply a policy first".to_string()
+            } else {
+                known.join(", ")
+            }
+        )));
+    };
+    let params = template
+        .validate_params(&request.params)
+        .map_err(|problems| OpsError::bad_input(problems.join("; ")))?;
+    Ok((template, params))
+}
+
+/// Create a proposal inside the caller's transaction (the heartbeat creates many in one).
+/// `template` and `params` come from [`validate`].
+pub async fn propose_in(
+    conn: &mut PgConnection,
+    policy: &Policy,
+    template: &Template,
+    params: BTreeMap<String, String>,
+    request: &NewProposal,
+) -> OpsResult<Proposed> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(locks::PROPOSALS)
+        .execute(&mut *conn)
+        .await?;
+    let params_json = json!(params);
+    let refusal = gates::check(conn, policy, template, &params_json, request.source).await?;
+    let rule = policy.approval.rule(template.risk);
+    let plan = plan(policy, template, &params);
+    let ttl = db::interval(policy.approval.ttl);
+    let status = if refusal.is_some() {
+        ProposalStatus::Rejected
+    } else {
+        ProposalStatus::Pending
+    };
+
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO ops_mission_proposals
+            (template, params, risk, proposed_by, source, reason, status, plan,
+             approvals_needed, self_approval, expires_at, decided_by, decided_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + $11, $12,
+                 CASE WHEN $7 = 'rejected' THEN now() END)
+         RETURNING id",
+    )
+    .bind(template.name.as_str())
+    .bind(&params_json)
+    .bind(template.risk.as_str())
+    .bind(&request.proposed_by)
+    .bind(request.source.as_str())
+    .bind(refusal.as_ref().map(|r| r.reason.clone()))
+    .bind(status.as_str())
+    .bind(json!(plan))
+    .bind(rule.approvals as i32)
+    .bind(rule.self_approval)
+    .bind(ttl)
+    .bind(refusal.as_ref().map(|r| format!("gate:{}", r.gate)))
+    .fetch_one(&mut *conn)
+    .await?;
+
+    let auto = policy.approval.auto_approves(template.risk);
+    let about = json!({
+        "template": template.name.as_str(),
+        "params": params_json,
+        "risk": template.risk.as_str(),
+        "proposed_by": request.proposed_by,
+        "source": request.source.as_str(),
+        // the outbox trigger sends approval prompts for these
+        "awaits_approval": refusal.is_none() && !auto,
+    });
+    events::emit(
+        conn,
+        NewEvent::new("proposal.created", request.source.as_str())
+            .proposal(id)
+            .payload(about),
+    )
+    .await?;
+
+    let mut proposed = Proposed {
+        id,
+        status,
+        mission_id: None,
+        reason: None,
+        template: template.name.as_str().to_string(),
+        risk: template.risk,
+        approvals_needed: rule.approvals as i32,
+        existing_id: None,
+    };
+
+    if let Some(refusal) = refusal {
+        events::emit(
+            conn,
+            NewEvent::new("proposal.rejected", "gate")
+                .proposal(id)
+                .payload(json!({
+                    "template": template.name.as_str(),
+                    "gate": refusal.gate,
+                    "reason": refusal.reason,
+                    "existing_id": refusal.existing,
+                    "decided_by": format!("gate:{}", refusal.gate),
+                })),
+        )
+        .await?;
+        telemetry::proposal_created(request.source.as_str(), "rejected");
+        telemetry::gate_refused(refusal.gate);
+        proposed.reason = Some(refusal.reason);
+        proposed.existing_id = refusal.existing;
+        return Ok(proposed);
+    }
+
+    if auto {
+        let mission_id = approve(conn, id, "auto", request.source.as_str()).await?;
+        proposed.status = ProposalStatus::Approved;
+        proposed.mission_id = Some(mission_id);
+    }
+    telemetry::proposal_created(request.source.as_str(), proposed.status.as_str());
+    Ok(proposed)
+}
+
+/// The template's steps with params substituted: what the mission will run.
+fn plan(
+    policy: &Policy,
+    template: &Template,
+    params: &BTreeMap<String, String>,
+) -> Vec<PlannedStep> {
+    template
+        .steps
+        .iter()
+        .map(|step| PlannedStep {
+            name: step.name.clone(),
+            spec: step.spec.substitute(params),
+            max_attempts: step.max_attempts.unwrap_or(policy.worker.max_attempts) as i32,
+        })
+        .collect()
+}
+
+/// Mark a pending proposal approved and create its mission, in the caller's transaction.
+/// The caller holds the proposal's row lock (or just inserted it).
+pub(crate) async fn approve(
+    conn: &mut PgConnection,
+    proposal_id: i64,
+    decided_by: &str,
+    source: &str,
+) -> OpsResult<i64> {
+    let (template, plan): (String, Value) = sqlx::query_as(
+        "UPDATE ops_mission_proposals
+         SET status = 'approved', decided_by = $2, decided_at = now()
+         WHERE id = $1 AND status = 'pending'
+         RETURNING template, plan",
+    )
+    .bind(proposal_id)
+    .bind(decided_by)
+    .fetch_one(&mut *conn)
+    .await?;
+    events::emit(
+        conn,
+        NewEvent::new("proposal.approved", source.to_string())
+            .proposal(proposal_id)
+            .payload(json!({ "template": template, "decided_by": decided_by })),
+    )
+    .await?;
+    let plan: Vec<PlannedStep> = serde_json::from_value(plan).map_err(|e| {
+        OpsError::Other(anyhow::anyhow!(
+            "proposal #{proposal_id} has an unreadable plan: {e}"
+        ))
+    })?;
+    missions::create(conn, proposal_id, &template, &plan, source).await
+}
+
+/// A proposal as people and scripts see it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ProposalView {
+    pub id: i64,
+    pub template: String,
+    pub params: Value,
+    pub risk: String,
+    pub proposed_by: String,
+    pub source: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub approvals_needed: i32,
+    pub approvals: i64,
+    pub approvers: Vec<String>,
+    pub decided_by: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub decided_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub mission_id: Option<i64>,
+}
+
+const VIEW: &str = "SELECT p.id, p.template, p.params, p.risk, p.proposed_by, p.source, p.status, p.reason,
+            p.approvals_needed,
+            (SELECT count(*) FROM ops_proposal_approvals a WHERE a.proposal_id = p.id AND a.decision = 'approve') AS approvals,
+            coalesce((SELECT array_agg(a.actor ORDER BY a.id) FROM ops_proposal_approvals a
+                      WHERE a.proposal_id = p.id AND a.decision = 'approve'), '{}') AS approvers,
+            p.decided_by, p.created_at, p.decided_at, p.expires_at,
+            (SELECT m.id FROM ops_missions m WHERE m.proposal_id = p.id) AS mission_id
+     FROM ops_mission_proposals p";
+
+pub async fn get(pool: &PgPool, id: i64) -> OpsResult<ProposalView> {
+    sqlx::query_as(&format!("{VIEW} WHERE p.id = $1"))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        .ok_or_else(|| OpsError::bad_input(format!("there is no proposal #{id}")))
+}
+
+/// Proposals waiting for a decision, oldest first.
+pub async fn pending(pool: &PgPool) -> OpsResult<Vec<ProposalView>> {
+    Ok(sqlx::query_as(&format!(
+        "{VIEW} WHERE p.status = 'pending' AND p.expires_at > now() ORDER BY p.id"
+    ))
+    .fetch_all(pool)
+    .await?)
+}

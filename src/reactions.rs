@@ -1,0 +1,199 @@
+//! Reactions: event pattern → proposal. Events are taken in batches (SKIP LOCKED),
+//! every (event, rule) decision is recorded in `ops_agent_reactions` (unique, so a
+//! decision is made once), and the events are marked processed in the same transaction.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sqlx::{PgConnection, PgPool};
+
+use crate::error::OpsResult;
+use crate::policy::{Policy, Reaction};
+use crate::proposals::{self, NewProposal, ProposalStatus, Source};
+use crate::steps::substitute_str;
+
+/// How long one tick may spend on reactions before leaving the rest for the next.
+const BUDGET: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Processed {
+    pub events: u64,
+    pub proposed: u64,
+    pub skipped: u64,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct PendingEvent {
+    pub id: i64,
+    pub kind: String,
+    pub source: String,
+    pub payload: Value,
+}
+
+/// Process unprocessed events in batches of `heartbeat.event_batch`, creating at most
+/// `heartbeat.reaction_batch` proposals per tick (a brake on runaway loops).
+pub async fn process(pool: &PgPool, policy: &Policy, paused: bool) -> OpsResult<Processed> {
+    let mut total = Processed::default();
+    let started = Instant::now();
+    let batch = i64::from(policy.heartbeat.event_batch.max(1));
+    let mut proposals_left = u64::from(policy.heartbeat.reaction_batch);
+    while started.elapsed() < BUDGET {
+        let mut tx = pool.begin().await?;
+        let events: Vec<PendingEvent> = sqlx::query_as(
+            "SELECT id, kind, source, payload FROM ops_agent_events
+             WHERE processed_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        if events.is_empty() {
+            break;
+        }
+        let mut handled = Vec::with_capacity(events.len());
+        for event in &events {
+            let matching: Vec<&Reaction> = policy
+                .reactions
+                .iter()
+                .filter(|r| matches(r, event))
+                .collect();
+            if !matching.is_empty() && proposals_left == 0 {
+                break; // the rest waits for the next tick
+            }
+            for rule in matching {
+                let (status, proposal, reason) =
+                    decide(&mut tx, policy, rule, event, paused).await?;
+                record(&mut tx, event.id, &rule.name, status, proposal, &reason).await?;
+                if status == "proposed" {
+                    total.proposed += 1;
+                    proposals_left = proposals_left.saturating_sub(1);
+                } else {
+                    total.skipped += 1;
+                }
+            }
+            handled.push(event.id);
+        }
+        sqlx::query("UPDATE ops_agent_events SET processed_at = now() WHERE id = ANY($1)")
+            .bind(&handled)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        total.events += handled.len() as u64;
+        if handled.len() < events.len() || (events.len() as i64) < batch {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+/// Does `rule` apply to `event`: its `on` pattern and its `where` subset.
+pub fn matches(rule: &Reaction, event: &PendingEvent) -> bool {
+    rule.on.matches(&event.kind) && subset(&rule.r#where, &event.payload)
+        // A reaction never reacts to the proposals it made itself.
+        && event.payload.get("proposed_by").and_then(Value::as_str) != Some(&format!("reaction:{}", rule.name))
+}
+
+/// Every key of `want` is in `have` with an equal value (objects compared as subsets).
+pub fn subset(want: &Map<String, Value>, have: &Value) -> bool {
+    want.iter()
+        .all(|(key, expected)| match (expected, have.get(key)) {
+            (Value::Object(inner), Some(actual)) => subset(inner, actual),
+            (expected, Some(actual)) => expected == actual,
+            (_, None) => false,
+        })
+}
+
+async fn decide(
+    conn: &mut PgConnection,
+    policy: &Policy,
+    rule: &Reaction,
+    event: &PendingEvent,
+    paused: bool,
+) -> OpsResult<(&'static str, Option<i64>, String)> {
+    if paused {
+        return Ok(("skipped", None, "paused".into()));
+    }
+    if let Some(cooldown) = rule.cooldown {
+        let last: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT max(created_at) FROM ops_agent_reactions WHERE reaction = $1 AND status = 'proposed'",
+        )
+        .bind(&rule.name)
+        .fetch_one(&mut *conn)
+        .await?;
+        if let Some(last) = last {
+            let since = Utc::now()
+                .signed_duration_since(last)
+                .to_std()
+                .unwrap_or_default();
+            if since < cooldown {
+                return Ok(("skipped", None, "cooldown".into()));
+            }
+        }
+    }
+    if rule.probability < 1.0 && rand::random::<f64>() >= rule.probability {
+        return Ok(("skipped", None, format!("probability {}", rule.probability)));
+    }
+    let request = NewProposal {
+        template: rule.propose.as_str().to_string(),
+        params: rule
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), substitute_str(v, |name| lookup(event, name))))
+            .collect(),
+        proposed_by: format!("reaction:{}", rule.name),
+        source: Source::Reaction,
+    };
+    let (template, params) = match proposals::validate(policy, &request) {
+        Ok(ok) => ok,
+        Err(e) => return Ok(("skipped", None, e.to_string())),
+    };
+    let proposed = proposals::propose_in(conn, policy, template, params, &request).await?;
+    let reason = match proposed.status {
+        ProposalStatus::Rejected => proposed.reason.unwrap_or_default(),
+        status => status.to_string(),
+    };
+    Ok(("proposed", Some(proposed.id), reason))
+}
+
+async fn record(
+    conn: &mut PgConnection,
+    event_id: i64,
+    reaction: &str,
+    status: &str,
+    proposal_id: Option<i64>,
+    reason: &str,
+) -> OpsResult<()> {
+    sqlx::query(
+        "INSERT INTO ops_agent_reactions (event_id, reaction, status, proposal_id, reason)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id, reaction) DO NOTHING",
+    )
+    .bind(event_id)
+    .bind(reaction)
+    .bind(status)
+    .bind(proposal_id)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// `{kind}`, `{id}`, `{source}`, `{payload.a.b}` from an event, as text.
+fn lookup(event: &PendingEvent, name: &str) -> Option<String> {
+    match name {
+        "kind" => Some(event.kind.clone()),
+        "id" => Some(event.id.to_string()),
+        "source" => Some(event.source.clone()),
+        _ => {
+            let path = name.strip_prefix("payload.")?;
+            let mut value = &event.payload;
+            for part in path.split('.') {
+                value = value.get(part)?;
+            }
+            Some(match value {
+                Value::String(s) => s.clone(),
+                Value::Null => String::new(),
+                other => other.to_string(),
+            })
+        }
+    }
+}

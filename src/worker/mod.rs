@@ -1,0 +1,463 @@
+//! The leased step worker: claim ready steps in batches, run each under a lease that a
+//! single renewal loop extends, and hand endings to a completer that stores them in
+//! batches, each only while its lease holds (see `missions::progress`). Wakes on NOTIFY,
+//! polls as a fallback.
+
+pub mod queue;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, warn};
+
+use crate::db::channels;
+use crate::executors::{self, Executors, Outcome, StepContext};
+use crate::missions::progress::{self, Ending, Lease};
+use crate::policy::Policy;
+use crate::policy::store::PolicyCache;
+use crate::steps::StepSpec;
+use crate::telemetry;
+use queue::Claimed;
+
+/// How long running steps may take to finish after SIGTERM before they are released.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Fallback poll when no NOTIFY arrives (PgBouncer, lost connection).
+const POLL: Duration = Duration::from_secs(1);
+/// With slots busy, wait this long for more to free before claiming, so claims batch.
+const CLAIM_COALESCE: Duration = Duration::from_millis(2);
+/// Endings stored in one transaction at most.
+const COMPLETION_BATCH: usize = 512;
+/// Steps this short on average (and no longer) are prefetched: a worker then holds up to
+/// `PREFETCH` × concurrency leased steps so claims and completions batch, while only
+/// `concurrency` execute at once. Longer steps are never held waiting in one worker.
+const SHORT_STEP: Duration = Duration::from_millis(10);
+const PREFETCH: usize = 16;
+
+/// Why a running step's token was cancelled: decides what happens to it.
+const STOP_NONE: u8 = 0;
+const STOP_CANCELLED: u8 = 1;
+const STOP_SHUTDOWN: u8 = 2;
+
+struct Running {
+    mission_id: i64,
+    attempt: i32,
+    cancel: CancellationToken,
+    stop: Arc<AtomicU8>,
+}
+
+pub struct Worker {
+    pub id: String,
+    pool: PgPool,
+    policy: PolicyCache,
+    executors: Executors,
+    concurrency: usize,
+    /// Execution slots; steps held beyond them wait here, leased.
+    slots: Arc<Semaphore>,
+}
+
+/// How long recent steps took (an exponential moving average).
+struct Pace {
+    average: Duration,
+    samples: u32,
+}
+
+impl Pace {
+    fn record(&mut self, took: Duration) {
+        self.samples = self.samples.saturating_add(1);
+        self.average = if self.samples == 1 {
+            took
+        } else {
+            (self.average * 7 + took) / 8
+        };
+    }
+
+    fn short(&self) -> bool {
+        self.samples >= 8 && self.average < SHORT_STEP
+    }
+}
+
+impl Worker {
+    pub fn new(pool: PgPool, policy: PolicyCache, concurrency: usize) -> Worker {
+        let id = format!(
+            "{}:{}:{:04x}",
+            queue::hostname(),
+            std::process::id(),
+            rand::random::<u16>()
+        );
+        Worker {
+            id,
+            pool,
+            policy,
+            executors: Executors::new(),
+            concurrency: concurrency.max(1),
+            slots: Arc::new(Semaphore::new(concurrency.max(1))),
+        }
+    }
+
+    /// Run until `shutdown`, then let running steps finish within `grace` and give the
+    /// rest back to the queue.
+    pub async fn run(self, shutdown: CancellationToken, grace: Duration) -> anyhow::Result<()> {
+        queue::register(&self.pool, &self.id, &queue::hostname(), self.concurrency).await?;
+        info!(worker = %self.id, concurrency = self.concurrency, "worker started");
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener
+            .listen_all([channels::STEPS_READY, channels::CANCEL])
+            .await?;
+        let (endings, received) = mpsc::unbounded_channel();
+        let completer = tokio::spawn(complete(self.pool.clone(), self.policy.clone(), received));
+
+        let mut running: HashMap<i64, Running> = HashMap::new();
+        let mut tasks: JoinSet<Done> = JoinSet::new();
+        let mut renew = tokio::time::interval(Duration::from_secs(1));
+        let mut last_renewal = Instant::now();
+        let mut want_claim = true;
+        let mut last_claim = Instant::now();
+        // When to look at the queue even without a NOTIFY: the fallback poll, or sooner
+        // when a retry this worker scheduled becomes due.
+        let mut next_poll = Instant::now() + POLL;
+        let mut next_retry: Option<Instant> = None;
+        let mut pace = Pace {
+            average: Duration::ZERO,
+            samples: 0,
+        };
+
+        while !shutdown.is_cancelled() {
+            let policy = self.policy.get().await;
+            let lease = policy.worker.lease;
+            let capacity = if pace.short() {
+                self.concurrency * PREFETCH
+            } else {
+                self.concurrency
+            };
+            let free = capacity.saturating_sub(running.len());
+            let coalesced = running.is_empty()
+                || free * 2 >= capacity
+                || last_claim.elapsed() >= CLAIM_COALESCE;
+            let mut wake = next_retry.map_or(next_poll, |r| r.min(next_poll));
+            if want_claim && free > 0 && !coalesced {
+                wake = wake.min(last_claim + CLAIM_COALESCE);
+            } else if want_claim && free > 0 {
+                last_claim = Instant::now();
+                next_poll = last_claim + POLL;
+                match queue::claim(&self.pool, &self.id, free as i64, lease).await {
+                    Ok(claimed) => {
+                        telemetry::steps_claimed(claimed.len());
+                        // A full batch means more may be waiting: claim again when a slot frees.
+                        want_claim = claimed.len() == free;
+                        for step in claimed {
+                            self.spawn(step, &policy, &mut running, &mut tasks);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "claiming steps failed; retrying");
+                        tokio::time::sleep(POLL).await;
+                    }
+                }
+                wake = next_retry.map_or(next_poll, |r| r.min(next_poll));
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                Some(done) = tasks.join_next() => {
+                    if let Ok(done) = done {
+                        if let Some(delay) = done.retry_in() {
+                            let at = Instant::now() + delay;
+                            next_retry = Some(next_retry.map_or(at, |r| r.min(at)));
+                        }
+                        pace.record(done.took);
+                        self.finished(done, &mut running, &endings).await;
+                    }
+                    // Take every other ending that is ready too, so they are stored together.
+                    while let Some(Ok(done)) = tasks.try_join_next() {
+                        pace.record(done.took);
+                        self.finished(done, &mut running, &endings).await;
+                    }
+                    want_claim = true;
+                }
+                note = listener.try_recv() => match note {
+                    Ok(Some(n)) if n.channel() == channels::CANCEL => {
+                        if let Ok(mission) = n.payload().parse::<i64>() {
+                            cancel_mission(&running, mission);
+                        }
+                    }
+                    Ok(Some(_)) => want_claim = true,
+                    // The connection dropped; try_recv reconnects on the next call.
+                    Ok(None) => want_claim = true,
+                    Err(e) => {
+                        warn!(error = %e, "listening for notifications failed; polling meanwhile");
+                        tokio::time::sleep(POLL).await;
+                    }
+                },
+                _ = tokio::time::sleep_until(wake) => {
+                    if next_retry.is_some_and(|r| r <= Instant::now()) {
+                        next_retry = None;
+                    }
+                    want_claim = true;
+                }
+                _ = renew.tick() => {
+                    // Renew at a third of the lease so one missed round is harmless.
+                    if last_renewal.elapsed() >= (lease / 3).min(Duration::from_secs(10)) {
+                        last_renewal = Instant::now();
+                        self.renew(&running, lease).await;
+                    }
+                }
+            }
+        }
+
+        info!(worker = %self.id, running = running.len(), "worker stopping; letting running steps finish");
+        let deadline = tokio::time::sleep(grace);
+        tokio::pin!(deadline);
+        while !running.is_empty() {
+            tokio::select! {
+                Some(done) = tasks.join_next() => {
+                    if let Ok(done) = done {
+                        self.finished(done, &mut running, &endings).await;
+                    }
+                }
+                _ = &mut deadline => break,
+                _ = renew.tick() => self.renew(&running, self.policy.get().await.worker.lease).await,
+            }
+        }
+        for step in running.values() {
+            step.stop.store(STOP_SHUTDOWN, Ordering::SeqCst);
+            step.cancel.cancel();
+        }
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(done) = done {
+                self.finished(done, &mut running, &endings).await;
+            }
+        }
+        // Let the completer store what is left, then say goodbye.
+        drop(endings);
+        let _ = completer.await;
+        let _ = queue::seen(&self.pool, &self.id, true).await;
+        info!(worker = %self.id, "worker stopped");
+        Ok(())
+    }
+
+    fn spawn(
+        &self,
+        step: Claimed,
+        policy: &Policy,
+        running: &mut HashMap<i64, Running>,
+        tasks: &mut JoinSet<Done>,
+    ) {
+        let cancel = CancellationToken::new();
+        let stop = Arc::new(AtomicU8::new(STOP_NONE));
+        running.insert(
+            step.id,
+            Running {
+                mission_id: step.mission_id,
+                attempt: step.attempts,
+                cancel: cancel.clone(),
+                stop: stop.clone(),
+            },
+        );
+        let executors = self.executors.clone();
+        let slots = self.slots.clone();
+        let backoff = (policy.worker.backoff.base, policy.worker.backoff.max);
+        let span = tracing::info_span!(
+            "step",
+            mission_id = step.mission_id,
+            step_id = step.id,
+            attempt = step.attempts
+        );
+        tasks.spawn(
+            async move { execute(executors, slots, step, cancel, backoff).await }.instrument(span),
+        );
+    }
+
+    /// A step's execution ended: free its slot and store its ending (or give it back
+    /// to the queue when we are shutting down).
+    async fn finished(
+        &self,
+        done: Done,
+        running: &mut HashMap<i64, Running>,
+        endings: &mpsc::UnboundedSender<(Lease, Ending)>,
+    ) {
+        let Some(step) = running.remove(&done.step_id) else {
+            return;
+        };
+        let lease = Lease {
+            step_id: done.step_id,
+            owner: self.id.clone(),
+            attempt: step.attempt,
+        };
+        if step.stop.load(Ordering::SeqCst) == STOP_SHUTDOWN {
+            match queue::release(&self.pool, &self.id, done.step_id, step.attempt).await {
+                Ok(_) => info!(
+                    step_id = done.step_id,
+                    "released at shutdown; another worker will run it"
+                ),
+                Err(e) => {
+                    warn!(error = %e, "release failed; the lease will expire and the heartbeat recovers it")
+                }
+            }
+            return;
+        }
+        if endings.send((lease, done.ending)).is_err() {
+            warn!(
+                step_id = done.step_id,
+                "the completer is gone; the lease will expire and the step be retried"
+            );
+        }
+    }
+
+    async fn renew(&self, running: &HashMap<i64, Running>, lease: Duration) {
+        if running.is_empty() {
+            let _ = queue::seen(&self.pool, &self.id, false).await;
+            return;
+        }
+        let held: Vec<(i64, i32)> = running.iter().map(|(id, r)| (*id, r.attempt)).collect();
+        match queue::renew(&self.pool, &self.id, &held, lease).await {
+            Ok(still) => {
+                let still: HashMap<i64, bool> = still.into_iter().collect();
+                for (id, step) in running {
+                    match still.get(id) {
+                        None => {
+                            warn!(step_id = id, "lease lost; stopping the step");
+                            step.cancel.cancel();
+                        }
+                        Some(true) => {
+                            step.stop.store(STOP_CANCELLED, Ordering::SeqCst);
+                            step.cancel.cancel();
+                        }
+                        Some(false) => {}
+                    }
+                }
+                let _ = queue::seen(&self.pool, &self.id, false).await;
+            }
+            Err(e) => warn!(error = %e, "renewing leases failed; will retry"),
+        }
+    }
+}
+
+fn cancel_mission(running: &HashMap<i64, Running>, mission_id: i64) {
+    for step in running.values().filter(|r| r.mission_id == mission_id) {
+        step.stop.store(STOP_CANCELLED, Ordering::SeqCst);
+        step.cancel.cancel();
+    }
+}
+
+/// A finished execution: which step, how it ended, how long it ran.
+struct Done {
+    step_id: i64,
+    ending: Ending,
+    took: Duration,
+}
+
+impl Done {
+    fn retry_in(&self) -> Option<Duration> {
+        match self.ending {
+            Ending::Failed { retry_in, .. } => Some(retry_in),
+            _ => None,
+        }
+    }
+}
+
+/// Run one claimed step to its end, once an execution slot is free.
+async fn execute(
+    executors: Executors,
+    slots: Arc<Semaphore>,
+    step: Claimed,
+    cancel: CancellationToken,
+    backoff: (Duration, Duration),
+) -> Done {
+    // A prefetched step waits for a slot; a cancel (or shutdown) meanwhile ends the wait.
+    let _slot = tokio::select! {
+        slot = slots.acquire_owned() => slot.ok(),
+        _ = cancel.cancelled() => None,
+    };
+    let started = Instant::now();
+    let outcome = match serde_json::from_value::<StepSpec>(step.spec.clone()) {
+        Ok(spec) => {
+            let ctx = StepContext {
+                mission_id: step.mission_id,
+                step_id: step.id,
+                attempt: step.attempts,
+                params: serde_json::from_value(step.params.clone()).unwrap_or_default(),
+                cancel,
+                default_timeout: None,
+            };
+            let outcome = executors.execute(&spec, &ctx).await;
+            telemetry::step_duration(spec.kind().as_str(), started.elapsed());
+            outcome
+        }
+        Err(e) => Outcome::Failed {
+            error: format!("unreadable step spec: {e}"),
+            result: serde_json::json!({}),
+        },
+    };
+    let ending = match outcome {
+        Outcome::Succeeded { result } => Ending::Succeeded { result },
+        Outcome::Cancelled { result } => Ending::Cancelled { result },
+        Outcome::Failed { error, result } => Ending::Failed {
+            retry_in: executors::backoff_delay(step.attempts.max(1) as u32, backoff.0, backoff.1),
+            error,
+            result,
+        },
+    };
+    Done {
+        step_id: step.id,
+        ending,
+        took: started.elapsed(),
+    }
+}
+
+/// Store endings in batches of whatever has arrived, until the sender is dropped.
+async fn complete(
+    pool: PgPool,
+    policy: PolicyCache,
+    mut received: mpsc::UnboundedReceiver<(Lease, Ending)>,
+) {
+    let mut batch = Vec::with_capacity(COMPLETION_BATCH);
+    while received.recv_many(&mut batch, COMPLETION_BATCH).await > 0 {
+        let pause_after_failures = policy.get().await.gates.pause_after_failures;
+        store(&pool, &batch, pause_after_failures).await;
+        batch.clear();
+    }
+}
+
+/// Store a batch, retrying on database trouble until it lands; refused endings (lost
+/// leases) are only logged.
+async fn store(pool: &PgPool, batch: &[(Lease, Ending)], pause_after_failures: u32) {
+    let mut delay = Duration::from_millis(100);
+    for _ in 0..20 {
+        let attempt = async {
+            let mut tx = pool.begin().await?;
+            let stored = progress::finish_batch(&mut tx, batch, pause_after_failures).await?;
+            tx.commit().await?;
+            Ok::<Vec<bool>, crate::error::OpsError>(stored)
+        };
+        match attempt.await {
+            Ok(stored) => {
+                for ((lease, _), ok) in batch.iter().zip(stored) {
+                    if !ok {
+                        warn!(
+                            step_id = lease.step_id,
+                            attempt = lease.attempt,
+                            "result refused: this worker no longer holds the step's lease"
+                        );
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, steps = batch.len(), "storing step results failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    warn!(
+        steps = batch.len(),
+        "giving up storing results; their leases will expire and the steps be retried"
+    );
+}

@@ -1,0 +1,274 @@
+//! The command line as users run it: the real binary against a real database
+//! (issue 2, "Done when" 3). Bad input gets one clear line, the right exit code, and
+//! changes nothing.
+
+mod support;
+
+use support::{
+    TestDb, apply_policy, opsloop, opsloop_cmd, path_str, stderr, stdout, test_db, write_temp,
+};
+
+/// Rows in every table that a refused command must leave alone.
+async fn snapshot(db: &TestDb) -> Vec<i64> {
+    let mut counts = Vec::new();
+    for table in [
+        "ops_mission_proposals",
+        "ops_proposal_approvals",
+        "ops_missions",
+        "ops_mission_steps",
+        "ops_agent_events",
+        "ops_users",
+    ] {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&db.pool)
+            .await
+            .expect("count");
+        counts.push(n);
+    }
+    counts
+}
+
+/// Run `args`, expect `code` and an error line containing `words`, and no change.
+async fn refused(db: &TestDb, args: &[&str], code: i32, words: &str) {
+    let before = snapshot(db).await;
+    let out = opsloop(&db.url, args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+    assert!(
+        err.contains(words),
+        "{args:?}: expected {words:?} in {err:?}"
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with('{')).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: one clear line, got {err:?}");
+    assert_eq!(snapshot(db).await, before, "{args:?} changed something");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_refused_with_one_line_and_exit_code_2() {
+    let db = test_db().await;
+    apply_policy(&db).await;
+    refused(&db, &["propose", "nope"], 2, "unknown template \"nope\"").await;
+    refused(&db, &["propose", "deploy"], 2, "param tag").await;
+    refused(
+        &db,
+        &["propose", "deploy", "tag=v1.2.3", "extra=1"],
+        2,
+        "extra",
+    )
+    .await;
+    refused(
+        &db,
+        &["propose", "deploy", "tag=1.2"],
+        2,
+        "release tag, e.g. v1.4.2",
+    )
+    .await;
+    refused(&db, &["propose", "deploy", "tag"], 2, "not key=value").await;
+    refused(&db, &["propose", "deploy", "=v1"], 2, "not a param name").await;
+    refused(
+        &db,
+        &["propose", "deploy", "tag=v1.2.3", "tag=v1.2.4"],
+        2,
+        "given twice",
+    )
+    .await;
+    refused(
+        &db,
+        &["propose", "deploy", "tag=v1.2.3; rm -rf /"],
+        2,
+        "does not match",
+    )
+    .await;
+    refused(
+        &db,
+        &["propose", "hello", "name=$(reboot)"],
+        2,
+        "does not match",
+    )
+    .await;
+    refused(&db, &["approve", "abc"], 2, "not a proposal id").await;
+    refused(&db, &["approve", "-5"], 2, "").await;
+    refused(&db, &["approve", "424242"], 2, "no proposal #424242").await;
+    refused(&db, &["reject", "1x"], 2, "not a proposal id").await;
+    refused(&db, &["cancel", "seven"], 2, "not a mission id").await;
+    refused(&db, &["cancel", "77"], 2, "no mission #77").await;
+    refused(&db, &["mission", "0"], 2, "not a mission id").await;
+    refused(&db, &["emit", "Bad Kind"], 2, "not valid").await;
+    refused(
+        &db,
+        &["emit", "ok.kind", "--payload", "{nope"],
+        2,
+        "not valid JSON",
+    )
+    .await;
+    refused(
+        &db,
+        &["emit", "ok.kind", "--payload", "[1]"],
+        2,
+        "JSON object",
+    )
+    .await;
+    refused(
+        &db,
+        &["users", "grant", "12x", "admin"],
+        2,
+        "not a Telegram user id",
+    )
+    .await;
+    refused(&db, &["users", "grant", "12", "boss"], 2, "unknown role").await;
+    refused(&db, &["frobnicate"], 2, "unrecognized subcommand").await;
+    refused(
+        &db,
+        &["missions", "--status", "weird"],
+        2,
+        "unknown mission status",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn decided_proposals_are_refused_with_exit_3_and_who_decided() {
+    let db = test_db().await;
+    apply_policy(&db).await;
+    let out = opsloop(
+        &db.url,
+        &["propose", "deploy", "tag=v1.2.3", "--as", "ann", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let proposed: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    for key in ["id", "status", "mission_id", "reason"] {
+        assert!(
+            proposed.get(key).is_some(),
+            "propose --json has {key}: {proposed}"
+        );
+    }
+    assert_eq!(proposed["status"], "pending");
+    let id = proposed["id"].to_string();
+    let out = opsloop(
+        &db.url,
+        &["reject", &id, "--as", "bob", "--reason", "not now"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    refused(
+        &db,
+        &["approve", &id, "--as", "carol"],
+        3,
+        "already rejected (by bob",
+    )
+    .await;
+    // The dedupe gate: exit 3 and the existing id.
+    let first = opsloop(&db.url, &["propose", "deploy", "tag=v2.0.0", "--json"]);
+    let first: serde_json::Value = serde_json::from_str(&stdout(&first)).expect("json");
+    let dup = opsloop(&db.url, &["propose", "deploy", "tag=v2.0.0", "--json"]);
+    assert_eq!(dup.status.code(), Some(3));
+    let dup: serde_json::Value = serde_json::from_str(&stdout(&dup)).expect("json");
+    assert_eq!(dup["status"], "rejected");
+    assert_eq!(dup["existing_id"], first["id"]);
+    assert!(
+        dup["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("#{}", first["id"]))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_happy_path_prints_what_happened() {
+    let db = test_db().await;
+    let file = write_temp("cli-policy.toml", support::POLICY);
+    let out = opsloop(&db.url, &["policy", "apply", path_str(&file)]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = opsloop(&db.url, &["propose", "hello", "name=ada"]);
+    assert!(
+        stdout(&out).contains("proposal #1 approved: mission #1 started"),
+        "{}",
+        stdout(&out)
+    );
+    let out = opsloop(&db.url, &["mission", "1", "--json"]);
+    let m: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(m["id"], 1);
+    assert_eq!(m["status"], "running");
+    assert_eq!(m["template"], "hello");
+    let step = &m["steps"][0];
+    for key in ["seq", "name", "kind", "status", "attempts"] {
+        assert!(step.get(key).is_some(), "step has {key}: {step}");
+    }
+    let out = opsloop(&db.url, &["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(s["paused"], false);
+    assert_eq!(opsloop(&db.url, &["pause"]).status.code(), Some(0));
+    let s: serde_json::Value =
+        serde_json::from_str(&stdout(&opsloop(&db.url, &["status", "--json"]))).expect("json");
+    assert_eq!(s["paused"], true);
+    let out = opsloop(&db.url, &["events", "--json"]);
+    let events: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    let kinds: Vec<&str> = events
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "proposal.created",
+            "proposal.approved",
+            "mission.started",
+            "system.paused"
+        ]
+    );
+    let out = opsloop(&db.url, &["users", "grant", "42", "approver"]);
+    assert_eq!(out.status.code(), Some(0));
+    let out = opsloop(&db.url, &["users", "list", "--json"]);
+    assert!(
+        stdout(&out).contains("\"role\":\"approver\""),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn a_policy_with_several_errors_lists_them_all_with_locations() {
+    let file = write_temp(
+        "bad-policy.toml",
+        r#"[gates]
+max_pendin = 3
+
+[worker]
+lease = "five minutes"
+
+[templates.deploy]
+risk = "hgih"
+params.tag = { pattern = '^v(\d+$', help = "tag" }
+steps = [ { name = "b", kind = "shell", run = ["x", "{tagg}"] } ]
+
+[[triggers]]
+name = "t"
+cron = "61 * * * *"
+propose = "ghost"
+"#,
+    );
+    let out = opsloop_cmd(None)
+        .args(["policy", "check", path_str(&file)])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    for (line, words) in [
+        (2, "max_pendin"),
+        (5, "five minutes"),
+        (8, "hgih"),
+        (9, "pattern"),
+        (10, "tagg"),
+        (14, "cron"),
+        (15, "ghost"),
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&format!(".toml:{line}:")) && l.contains(words)),
+            "expected a problem on line {line} about {words:?} in:\n{err}"
+        );
+    }
+    // `policy apply` refuses it too, and stores nothing.
+    assert!(err.contains("problem"));
+}

@@ -1,0 +1,205 @@
+//! Retention deletes what the policy no longer keeps, and nothing else (issue 6).
+
+mod support;
+
+use opsloop::heartbeat;
+use support::{TestDb, test_db};
+
+const POLICY: &str = r#"
+[retention]
+missions = "1h"
+events = "1h"
+reactions = "1h"
+action_runs = "1h"
+notifications = "1h"
+batch = 2
+
+[templates.job]
+risk = "low"
+params.n = { pattern = '^\d+$', help = "n" }
+steps = [ { name = "a", kind = "noop" }, { name = "b", kind = "noop" } ]
+
+[templates.ask]
+risk = "high"
+params.n = { pattern = '^\d+$', help = "n" }
+steps = [ { name = "a", kind = "noop" } ]
+"#;
+
+async fn propose(db: &TestDb, template: &str, n: u32) -> opsloop::proposals::Proposed {
+    let policy = opsloop::policy::parse(POLICY).expect("policy");
+    support::propose(&db.pool, &policy, template, &[("n", &n.to_string())]).await
+}
+
+async fn exec(db: &TestDb, sql: &str) {
+    sqlx::query(sql).execute(&db.pool).await.expect(sql);
+}
+
+async fn count(db: &TestDb, sql: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(&db.pool)
+        .await
+        .expect(sql)
+}
+
+#[tokio::test]
+async fn old_finished_rows_go_and_live_ones_stay() {
+    let db = test_db().await;
+    let policy = opsloop::policy::parse(POLICY).expect("policy");
+    // Five old finished missions, one old running mission, one recent finished one,
+    // an old pending proposal.
+    let mut finished = Vec::new();
+    for n in 0..5 {
+        finished.push(propose(&db, "job", n).await.mission_id.expect("mission"));
+    }
+    let running = propose(&db, "job", 100).await.mission_id.expect("mission");
+    let recent = propose(&db, "job", 200).await.mission_id.expect("mission");
+    let pending = propose(&db, "ask", 300).await.id;
+    exec(&db, "UPDATE ops_mission_steps SET status = 'succeeded'").await;
+    exec(&db, "UPDATE ops_mission_steps SET status = 'queued' WHERE seq = 2 AND mission_id = (SELECT max(id) - 1 FROM ops_missions)").await;
+    exec(
+        &db,
+        "UPDATE ops_missions SET status = 'succeeded', finished_at = now() - interval '2 hours'",
+    )
+    .await;
+    sqlx::query("UPDATE ops_missions SET status = 'running', finished_at = NULL WHERE id = $1")
+        .bind(running)
+        .execute(&db.pool)
+        .await
+        .expect("running");
+    sqlx::query("UPDATE ops_missions SET finished_at = now() WHERE id = $1")
+        .bind(recent)
+        .execute(&db.pool)
+        .await
+        .expect("recent");
+    exec(&db, "UPDATE ops_mission_proposals SET created_at = now() - interval '3 hours', decided_at = now() - interval '3 hours'").await;
+    // Events: all old; one unprocessed; the running mission's stay too.
+    exec(
+        &db,
+        "UPDATE ops_agent_events SET created_at = now() - interval '3 hours', processed_at = now()",
+    )
+    .await;
+    let unprocessed = opsloop::events::emit_user(&db.pool, "note.x", "test", serde_json::json!({}))
+        .await
+        .expect("emit");
+    exec(&db, "UPDATE ops_agent_events SET created_at = now() - interval '3 hours' WHERE processed_at IS NULL").await;
+    // Old and new action runs.
+    exec(&db, "INSERT INTO ops_action_runs (kind, outcome, started_at) SELECT 'tick', 'ok', now() - interval '2 hours' FROM generate_series(1, 7)").await;
+
+    let summary = heartbeat::tick(&db.pool, &policy).await.expect("tick");
+    assert!(summary.ran);
+
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM ops_missions ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .expect("missions");
+    assert_eq!(
+        left,
+        vec![running, recent],
+        "old finished missions go, running and recent stay"
+    );
+    for m in &finished {
+        let steps: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM ops_mission_steps WHERE mission_id = $1")
+                .bind(m)
+                .fetch_one(&db.pool)
+                .await
+                .expect("steps");
+        assert_eq!(steps, 0, "steps go with their mission");
+    }
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM ops_mission_steps WHERE mission_id = {running}")
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM ops_mission_proposals WHERE id = {pending}")
+        )
+        .await,
+        1,
+        "pending proposals stay"
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM ops_agent_events WHERE id = {unprocessed}")
+        )
+        .await,
+        1,
+        "unprocessed events stay"
+    );
+    assert!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM ops_agent_events WHERE mission_id = {running}")
+        )
+        .await
+            > 0,
+        "a running mission's events stay"
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM ops_agent_events WHERE mission_id = ANY(ARRAY{finished:?})"
+            )
+        )
+        .await,
+        0,
+        "finished missions' old events go"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM ops_action_runs WHERE started_at < now() - interval '1 hour'"
+        )
+        .await,
+        0
+    );
+    assert!(
+        count(&db, "SELECT count(*) FROM ops_action_runs").await >= 1,
+        "this tick's own row stays"
+    );
+    // Bounded: batch = 2 rows per statement, 10 statements per kind and tick.
+    assert!(
+        summary.deleted.proposals <= 20 && summary.deleted.proposals >= 5,
+        "{:?}",
+        summary.deleted
+    );
+}
+
+#[tokio::test]
+async fn nothing_is_deleted_without_a_retention_policy() {
+    let db = test_db().await;
+    let policy = opsloop::policy::parse(
+        &POLICY
+            .replace("[retention]", "[x]")
+            .replace("missions = \"1h\"\n", "")
+            .replace("events = \"1h\"\n", "")
+            .replace("reactions = \"1h\"\n", "")
+            .replace("action_runs = \"1h\"\n", "")
+            .replace("notifications = \"1h\"\n", "")
+            .replace("batch = 2\n", "")
+            .replace("[x]\n", ""),
+    )
+    .expect("policy");
+    propose(&db, "job", 1).await;
+    exec(
+        &db,
+        "UPDATE ops_missions SET status = 'succeeded', finished_at = now() - interval '300 days'",
+    )
+    .await;
+    exec(
+        &db,
+        "UPDATE ops_mission_proposals SET decided_at = now() - interval '300 days'",
+    )
+    .await;
+    exec(&db, "UPDATE ops_agent_events SET created_at = now() - interval '300 days', processed_at = now()").await;
+    let summary = heartbeat::tick(&db.pool, &policy).await.expect("tick");
+    assert_eq!(summary.deleted.proposals + summary.deleted.events, 0);
+    assert_eq!(count(&db, "SELECT count(*) FROM ops_missions").await, 1);
+}

@@ -1,0 +1,422 @@
+//! The step worker with real child processes and a real HTTP server (issue 3, "Done when" 1).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use opsloop::heartbeat;
+use opsloop::policy::store::PolicyCache;
+use opsloop::worker::Worker;
+use support::{TestDb, test_db};
+use tokio_util::sync::CancellationToken;
+
+const POLICY: &str = r#"
+[worker]
+concurrency = 4
+lease = "1s"
+max_attempts = 3
+backoff = { base = "200ms", max = "2s" }
+
+[templates.three]
+risk = "low"
+params.file = { pattern = '^/[A-Za-z0-9/_.-]+$', help = "a file" }
+steps = [
+  { name = "one",   kind = "shell", run = ["sh", "-c", "echo one >> \"$OPSLOOP_PARAM_FILE\""] },
+  { name = "two",   kind = "shell", run = ["sh", "-c", "echo two >> \"$OPSLOOP_PARAM_FILE\""] },
+  { name = "three", kind = "shell", run = ["sh", "-c", "echo three-$OPSLOOP_ATTEMPT >> \"$OPSLOOP_PARAM_FILE\""] },
+]
+
+[templates.flaky]
+risk = "low"
+steps = [
+  { name = "fails", kind = "shell", run = ["sh", "-c", "echo boom >&2; exit 3"] },
+  { name = "never", kind = "noop" },
+]
+
+[templates.slow]
+risk = "low"
+params.file = { pattern = '^/[A-Za-z0-9/_.-]+$', help = "a file" }
+steps = [ { name = "hang", kind = "shell", max_attempts = 1, timeout = "1s",
+            run = ["sh", "-c", "sleep 60 & echo $! > \"$OPSLOOP_PARAM_FILE\"; wait"] } ]
+
+[templates.sleeper]
+risk = "low"
+params.file = { pattern = '^/[A-Za-z0-9/_.-]+$', help = "a file" }
+steps = [ { name = "sleep", kind = "shell", run = ["sh", "-c", "echo $$ > \"$OPSLOOP_PARAM_FILE\"; exec sleep 60"] } ]
+
+[templates.long]
+risk = "low"
+steps = [ { name = "long", kind = "shell", run = ["sleep", "3.5"] } ]
+
+[templates.call]
+risk = "low"
+params.path = { pattern = '^/[a-z0-9/]*$', help = "a path" }
+params.port = { pattern = '^\d+$', help = "a port" }
+steps = [ { name = "call", kind = "http", method = "POST", url = "http://127.0.0.1:{port}{path}",
+            json = { hello = "world" }, expect = [200], timeout = "500ms", max_attempts = 1 } ]
+"#;
+
+struct Loop {
+    db: TestDb,
+    stop: CancellationToken,
+    worker: tokio::task::JoinHandle<()>,
+}
+
+async fn start() -> Loop {
+    let db = test_db().await;
+    opsloop::policy::store::apply(&db.pool, POLICY, "test")
+        .await
+        .expect("apply");
+    let cache = PolicyCache::default();
+    cache.refresh(&db.pool).await.expect("refresh");
+    let stop = CancellationToken::new();
+    let worker = Worker::new(db.pool.clone(), cache, 4);
+    let token = stop.clone();
+    let worker = tokio::spawn(async move {
+        worker
+            .run(token, Duration::from_secs(5))
+            .await
+            .expect("worker");
+    });
+    Loop { db, stop, worker }
+}
+
+impl Loop {
+    async fn propose(&self, template: &str, params: &[(&str, &str)]) -> i64 {
+        let policy = opsloop::policy::parse(POLICY).expect("policy");
+        let p = support::propose(&self.db.pool, &policy, template, params).await;
+        p.mission_id.expect("low risk starts a mission")
+    }
+
+    async fn mission_status(&self, id: i64) -> String {
+        sqlx::query_scalar("SELECT status FROM ops_missions WHERE id = $1")
+            .bind(id)
+            .fetch_one(&self.db.pool)
+            .await
+            .expect("status")
+    }
+
+    async fn wait_mission(&self, id: i64, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.mission_status(id).await;
+            if status != "running" || Instant::now() > deadline {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn wait_step_status(&self, mission: i64, want: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let s: Option<String> = sqlx::query_scalar(
+                "SELECT status FROM ops_mission_steps WHERE mission_id = $1 AND seq = 1",
+            )
+            .bind(mission)
+            .fetch_optional(&self.db.pool)
+            .await
+            .expect("step");
+            if s.as_deref() == Some(want) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    async fn kinds(&self, mission: i64) -> Vec<String> {
+        sqlx::query_scalar("SELECT kind FROM ops_agent_events WHERE mission_id = $1 ORDER BY id")
+            .bind(mission)
+            .fetch_all(&self.db.pool)
+            .await
+            .expect("events")
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.worker.await;
+    }
+}
+
+fn temp_file(name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("opsloop-worker-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    path.to_string_lossy().into_owned()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie (killed, not yet reaped by an init that does not reap) counts as gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.split_whitespace().nth(2).is_none_or(|s| s != "Z"),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_step_mission_runs_in_order_and_succeeds() {
+    let l = start().await;
+    let file = temp_file("three.txt");
+    let mission = l.propose("three", &[("file", &file)]).await;
+    assert_eq!(
+        l.wait_mission(mission, Duration::from_secs(10)).await,
+        "succeeded"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("file"),
+        "one\ntwo\nthree-1\n"
+    );
+    assert_eq!(
+        l.kinds(mission).await,
+        [
+            "mission.started",
+            "step.started",
+            "step.succeeded",
+            "step.started",
+            "step.succeeded",
+            "step.started",
+            "step.succeeded",
+            "mission.succeeded"
+        ]
+    );
+    let result: serde_json::Value = sqlx::query_scalar(
+        "SELECT result FROM ops_mission_steps WHERE mission_id = $1 AND seq = 1",
+    )
+    .bind(mission)
+    .fetch_one(&l.db.pool)
+    .await
+    .expect("result");
+    assert_eq!(result["exit_code"], 0);
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM ops_action_runs WHERE kind = 'step'")
+        .fetch_one(&l.db.pool)
+        .await
+        .expect("runs");
+    assert_eq!(runs, 3);
+    l.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_step_retries_with_growing_delays_then_dead_letters() {
+    let l = start().await;
+    let mission = l.propose("flaky", &[]).await;
+    assert_eq!(
+        l.wait_mission(mission, Duration::from_secs(15)).await,
+        "failed"
+    );
+    let steps: Vec<(String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT status, attempts, error FROM ops_mission_steps WHERE mission_id = $1 ORDER BY seq",
+    )
+    .bind(mission)
+    .fetch_all(&l.db.pool)
+    .await
+    .expect("steps");
+    assert_eq!((steps[0].0.as_str(), steps[0].1), ("failed", 3));
+    assert!(
+        steps[0]
+            .2
+            .as_deref()
+            .unwrap_or("")
+            .contains("exit status 3"),
+        "{:?}",
+        steps[0].2
+    );
+    assert_eq!(steps[1].0, "cancelled");
+    let dead: (String, i32, String) = sqlx::query_as(
+        "SELECT name, attempts, last_error FROM ops_step_dead_letters WHERE mission_id = $1",
+    )
+    .bind(mission)
+    .fetch_one(&l.db.pool)
+    .await
+    .expect("dead letter");
+    assert_eq!((dead.0.as_str(), dead.1), ("fails", 3));
+    let kinds = l.kinds(mission).await;
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "step.retrying").count(),
+        2,
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.last().map(String::as_str), Some("mission.failed"));
+    assert!(kinds.contains(&"step.failed".to_string()));
+    // Delays grow: base 200ms, then 400ms (plus jitter).
+    let starts: Vec<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT created_at FROM ops_agent_events WHERE mission_id = $1 AND kind = 'step.started' ORDER BY id",
+    )
+    .bind(mission)
+    .fetch_all(&l.db.pool)
+    .await
+    .expect("starts");
+    let gap1 = (starts[1] - starts[0]).num_milliseconds();
+    let gap2 = (starts[2] - starts[1]).num_milliseconds();
+    assert!(gap1 >= 200 && gap2 >= 400, "gaps {gap1}ms, {gap2}ms");
+    l.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_past_its_timeout_is_killed_with_its_children() {
+    let l = start().await;
+    let pidfile = temp_file("grandchild.pid");
+    let started = Instant::now();
+    let mission = l.propose("slow", &[("file", &pidfile)]).await;
+    assert_eq!(
+        l.wait_mission(mission, Duration::from_secs(10)).await,
+        "failed"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
+    let error: String =
+        sqlx::query_scalar("SELECT error FROM ops_mission_steps WHERE mission_id = $1")
+            .bind(mission)
+            .fetch_one(&l.db.pool)
+            .await
+            .expect("error");
+    assert!(error.contains("timed out"), "{error}");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("number");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !alive(pid),
+        "the grandchild sleep {pid} survived the timeout"
+    );
+    l.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_kills_a_running_sleep() {
+    let l = start().await;
+    let pidfile = temp_file("sleeper.pid");
+    let mission = l.propose("sleeper", &[("file", &pidfile)]).await;
+    assert!(
+        l.wait_step_status(mission, "running", Duration::from_secs(5))
+            .await
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(&pidfile)
+        .map(|s| s.trim().is_empty())
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "the step never wrote its pid");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("number");
+    assert!(alive(pid));
+    let cancelled_at = Instant::now();
+    opsloop::missions::cancel(&l.db.pool, mission, "test", "cli")
+        .await
+        .expect("cancel");
+    assert!(
+        l.wait_step_status(mission, "cancelled", Duration::from_secs(5))
+            .await,
+        "step not cancelled"
+    );
+    assert!(cancelled_at.elapsed() < Duration::from_secs(3));
+    assert!(!alive(pid), "sleep {pid} still runs after cancel");
+    assert_eq!(l.mission_status(mission).await, "cancelled");
+    l.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_step_keeps_its_lease_by_renewal() {
+    let l = start().await;
+    let mission = l.propose("long", &[]).await;
+    // Tick all along: an unrenewed 1s lease would be recovered by these.
+    let policy = opsloop::policy::parse(POLICY).expect("policy");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while l.mission_status(mission).await == "running" && Instant::now() < deadline {
+        heartbeat::tick(&l.db.pool, &policy).await.expect("tick");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(l.mission_status(mission).await, "succeeded");
+    let attempts: i32 =
+        sqlx::query_scalar("SELECT attempts FROM ops_mission_steps WHERE mission_id = $1")
+            .bind(mission)
+            .fetch_one(&l.db.pool)
+            .await
+            .expect("attempts");
+    assert_eq!(attempts, 1, "the step was never recovered or retried");
+    assert!(
+        !l.kinds(mission)
+            .await
+            .contains(&"step.recovered".to_string())
+    );
+    l.stop().await;
+}
+
+async fn http_server() -> u16 {
+    use axum::routing::post;
+    let app = axum::Router::new()
+        .route(
+            "/ok",
+            post(|body: axum::Json<serde_json::Value>| async move { axum::Json(body.0) }),
+        )
+        .route(
+            "/broken",
+            post(|| async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down") }),
+        )
+        .route(
+            "/slow",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                "late"
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_steps_succeed_fail_on_status_and_time_out() {
+    let l = start().await;
+    let port = http_server().await.to_string();
+    let ok = l.propose("call", &[("port", &port), ("path", "/ok")]).await;
+    let broken = l
+        .propose("call", &[("port", &port), ("path", "/broken")])
+        .await;
+    let slow = l
+        .propose("call", &[("port", &port), ("path", "/slow")])
+        .await;
+    assert_eq!(
+        l.wait_mission(ok, Duration::from_secs(10)).await,
+        "succeeded"
+    );
+    assert_eq!(
+        l.wait_mission(broken, Duration::from_secs(10)).await,
+        "failed"
+    );
+    assert_eq!(
+        l.wait_mission(slow, Duration::from_secs(10)).await,
+        "failed"
+    );
+    let result: serde_json::Value =
+        sqlx::query_scalar("SELECT result FROM ops_mission_steps WHERE mission_id = $1")
+            .bind(ok)
+            .fetch_one(&l.db.pool)
+            .await
+            .expect("result");
+    assert_eq!(result["status"], 200);
+    assert!(
+        result["body"].as_str().unwrap_or("").contains("world"),
+        "{result}"
+    );
+    for (mission, words) in [(broken, "500"), (slow, "timed out")] {
+        let error: String =
+            sqlx::query_scalar("SELECT error FROM ops_mission_steps WHERE mission_id = $1")
+                .bind(mission)
+                .fetch_one(&l.db.pool)
+                .await
+                .expect("error");
+        assert!(error.contains(words), "{error}");
+    }
+    l.stop().await;
+}
