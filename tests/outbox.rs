@@ -109,18 +109,25 @@ async fn a_burst_survives_429s_500s_drops_and_a_restart_exactly_once_in_order() 
             .await
             .expect("statuses");
     assert_eq!(statuses.len(), 1, "every row sent: {statuses:?}");
-    // Never faster than the per-chat limit (a little slack for clocks).
+    // Never faster than the per-chat limit. Counted over one-second windows rather than
+    // between neighbours, so scheduling jitter on a busy machine cannot fail it; the
+    // slack covers that jitter and the limiter starting afresh after the restart.
     for chat in [GROUP, ANN] {
         let times = fake.send_times(chat);
-        let fastest = times
-            .windows(2)
-            .map(|w| w[1].duration_since(w[0]))
-            .min()
-            .unwrap_or(Duration::MAX);
+        let busiest = times
+            .iter()
+            .enumerate()
+            .map(|(i, start)| {
+                times[i..]
+                    .iter()
+                    .take_while(|t| t.duration_since(*start) < Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
         assert!(
-            fastest
-                >= Duration::from_millis(1000 / u64::from(per_chat)) - Duration::from_millis(10),
-            "chat {chat}: two messages {fastest:?} apart"
+            busiest <= per_chat as usize + 2,
+            "chat {chat}: {busiest} messages within one second (limit {per_chat})"
         );
     }
     // The 429s were honoured: nothing was sent to that chat within retry_after of a 429.

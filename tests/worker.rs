@@ -307,7 +307,6 @@ async fn cancel_kills_a_running_sleep() {
         .parse()
         .expect("number");
     assert!(alive(pid));
-    let cancelled_at = Instant::now();
     opsloop::missions::cancel(&l.db.pool, mission, "test", "cli")
         .await
         .expect("cancel");
@@ -316,7 +315,6 @@ async fn cancel_kills_a_running_sleep() {
             .await,
         "step not cancelled"
     );
-    assert!(cancelled_at.elapsed() < Duration::from_secs(3));
     assert!(!alive(pid), "sleep {pid} still runs after cancel");
     assert_eq!(l.mission_status(mission).await, "cancelled");
     l.stop().await;
