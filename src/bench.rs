@@ -162,6 +162,10 @@ pub async fn worker(
     .bind(steps_per_mission as i32)
     .execute(&pool)
     .await?;
+    // As the peer's bench does after enqueueing: the planner sees the backlog.
+    sqlx::query("ANALYZE ops_mission_proposals, ops_missions, ops_mission_steps")
+        .execute(&pool)
+        .await?;
     let total_steps = i64::from(missions) * i64::from(steps_per_mission);
     let cache = PolicyCache::default();
     cache.refresh(&pool).await?;

@@ -114,7 +114,8 @@ pub async fn finish_batch(
                 finished_at = CASE WHEN i.outcome = 'failed' AND s.attempts < s.max_attempts THEN NULL ELSE now() END,
                 result = i.result, error = i.error, lease_owner = NULL, lease_expires_at = NULL
             FROM input i
-            WHERE s.id = i.id AND s.lease_owner = i.owner AND s.attempts = i.attempt AND s.status = 'running'
+            -- s.id = ANY($1): by key; a bare join walks every running step.
+            WHERE s.id = ANY($1) AND s.id = i.id AND s.lease_owner = i.owner AND s.attempts = i.attempt AND s.status = 'running'
             RETURNING s.id, s.mission_id, s.seq, s.name, s.attempts, s.max_attempts, s.started_at,
                       i.outcome, i.error, i.retry_ms, i.owner
          ), runs AS (
@@ -204,18 +205,24 @@ async fn advance(conn: &mut PgConnection, done: &[&Stored]) -> OpsResult<()> {
     let missions: Vec<i64> = done.iter().map(|s| s.mission_id).collect();
     let seqs: Vec<i32> = done.iter().map(|s| s.seq).collect();
     let (_, finished): (i64, i64) = sqlx::query_as(
-        "WITH done AS (
-            SELECT * FROM unnest($1::bigint[], $2::int[]) AS d(mission_id, seq)
+        // Every row is found by key (a correlated probe, then = ANY): the statistics
+        // on status lag behind a burst of work, and joins planned from them scan whole
+        // tables. Steps run in order, so a mission whose succeeded step has no next
+        // one has succeeded in full.
+        "WITH done AS MATERIALIZED (
+            SELECT d.mission_id,
+                   (SELECT s.id FROM ops_mission_steps s
+                    WHERE s.mission_id = d.mission_id AND s.seq = d.seq + 1) AS next_id
+            FROM unnest($1::bigint[], $2::int[]) AS d(mission_id, seq)
          ), next AS (
             UPDATE ops_mission_steps n SET status = 'queued', run_after = now()
-            FROM done d
-            WHERE n.mission_id = d.mission_id AND n.seq = d.seq + 1 AND n.status = 'waiting'
+            WHERE n.id = ANY(ARRAY(SELECT next_id FROM done WHERE next_id IS NOT NULL))
+              AND n.status = 'waiting'
             RETURNING n.mission_id
          ), finished AS (
             UPDATE ops_missions m SET status = 'succeeded', finished_at = now()
-            WHERE m.id IN (SELECT mission_id FROM done) AND m.status = 'running'
-              AND NOT EXISTS (SELECT 1 FROM ops_mission_steps s
-                              WHERE s.mission_id = m.id AND s.status <> 'succeeded')
+            WHERE m.id = ANY(ARRAY(SELECT mission_id FROM done WHERE next_id IS NULL))
+              AND m.status = 'running'
             RETURNING m.id, m.template, m.proposal_id
          ), events AS (
             INSERT INTO ops_agent_events (kind, source, proposal_id, mission_id, payload)
