@@ -87,12 +87,26 @@ CREATE TABLE ops_agent_events (
     processed_at timestamptz,
     -- the writing transaction: followers read by xid windows below the snapshot's xmin,
     -- so an event whose id was taken early but committed late is never skipped
-    xid          xid8 NOT NULL DEFAULT pg_current_xact_id()
+    -- (bigint rather than xid8, which has no BRIN operator class)
+    xid          bigint NOT NULL DEFAULT pg_current_xact_id()::text::bigint
 );
+-- Every step writes several events, so each index here costs the worker's hot path.
+-- Retention walks the primary key (ids grow with time); followers read xid windows,
+-- which BRIN serves at almost no cost per insert.
 CREATE INDEX ops_agent_events_unprocessed ON ops_agent_events (id) WHERE processed_at IS NULL;
 CREATE INDEX ops_agent_events_mission ON ops_agent_events (mission_id) WHERE mission_id IS NOT NULL;
-CREATE INDEX ops_agent_events_created ON ops_agent_events (created_at);
-CREATE INDEX ops_agent_events_xid ON ops_agent_events (xid);
+CREATE INDEX ops_agent_events_xid ON ops_agent_events USING brin (xid) WITH (pages_per_range = 16);
+
+-- An event is matched against the reaction rules in force when it is written: one no
+-- rule can match (by kind) is processed at once, so it never enters the unprocessed
+-- index nor needs the tick's update. `policy apply` keeps the 'reactions' key current:
+--   {"like": ["deploy.%", ...]}   (the rules' `on` patterns as LIKE patterns)
+CREATE FUNCTION ops_processed_at(kind text) RETURNS timestamptz
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN EXISTS (
+        SELECT 1 FROM ops_policy p, jsonb_array_elements_text(p.value->'like') AS pattern
+        WHERE p.key = 'reactions' AND kind LIKE pattern) THEN NULL ELSE now() END
+$$;
 
 CREATE TABLE ops_agent_reactions (
     id          bigserial PRIMARY KEY,
@@ -117,7 +131,7 @@ CREATE TABLE ops_action_runs (
     started_at  timestamptz NOT NULL DEFAULT now(),
     finished_at timestamptz
 );
-CREATE INDEX ops_action_runs_started ON ops_action_runs (started_at);
+-- No index on started_at: retention walks the primary key, as ids grow with time.
 
 CREATE TABLE ops_step_dead_letters (
     id          bigserial PRIMARY KEY,

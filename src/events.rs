@@ -89,8 +89,8 @@ async fn append(
 ) -> OpsResult<i64> {
     // The insert trigger sends the NOTIFY (see the migration).
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO ops_agent_events (kind, source, proposal_id, mission_id, step_id, payload)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        "INSERT INTO ops_agent_events (kind, source, proposal_id, mission_id, step_id, payload, processed_at)
+         VALUES ($1, $2, $3, $4, $5, $6, ops_processed_at($1)) RETURNING id",
     )
     .bind(kind)
     .bind(source)
@@ -157,12 +157,12 @@ pub async fn recent(pool: &PgPool, limit: i64) -> OpsResult<(Vec<Event>, Cursor)
     let horizon = horizon(pool).await?;
     let sql = format!(
         "SELECT * FROM (SELECT {EVENT_COLUMNS} FROM ops_agent_events
-                        WHERE xid < $2::text::xid8 ORDER BY id DESC LIMIT $1) e
+                        WHERE xid < $2 ORDER BY id DESC LIMIT $1) e
          ORDER BY id"
     );
     let events = sqlx::query_as(&sql)
         .bind(limit)
-        .bind(horizon.to_string())
+        .bind(horizon)
         .fetch_all(pool)
         .await?;
     Ok((events, Cursor { horizon }))
@@ -176,11 +176,11 @@ pub async fn next(pool: &PgPool, cursor: &mut Cursor) -> OpsResult<Vec<Event>> {
     }
     let sql = format!(
         "SELECT {EVENT_COLUMNS} FROM ops_agent_events
-         WHERE xid >= $1::text::xid8 AND xid < $2::text::xid8 ORDER BY id"
+         WHERE xid >= $1 AND xid < $2 ORDER BY id"
     );
     let events = sqlx::query_as(&sql)
-        .bind(cursor.horizon.to_string())
-        .bind(horizon.to_string())
+        .bind(cursor.horizon)
+        .bind(horizon)
         .fetch_all(pool)
         .await?;
     cursor.horizon = horizon;

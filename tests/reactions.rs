@@ -164,6 +164,53 @@ async fn a_matching_event_makes_exactly_one_proposal_even_with_two_daemons_ticki
     assert!(runs >= 6, "every tick that ran left a row ({runs})");
 }
 
+/// Events no rule can match are written already processed, so the worker's own events
+/// never wait for (or cost) the tick; matching ones wait for it. The rules in force at
+/// write time decide, and a `policy apply` moves that line for later events.
+#[tokio::test]
+async fn only_events_a_rule_can_match_wait_for_the_tick() {
+    let db = setup().await;
+    let unprocessed = |kind: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM ops_agent_events WHERE kind = $1 AND processed_at IS NULL",
+            )
+            .bind(kind)
+            .fetch_one(&pool)
+            .await
+            .expect("count")
+        }
+    };
+    emit(&db, "deploy.done", serde_json::json!({})).await; // `deploy.*` may match
+    emit(&db, "ping", serde_json::json!({})).await; // `ping`
+    emit(&db, "pong", serde_json::json!({})).await; // nothing listens
+    emit(&db, "deployed", serde_json::json!({})).await; // `deploy.*` needs the dot
+    assert_eq!(unprocessed("deploy.done").await, 1);
+    assert_eq!(unprocessed("ping").await, 1);
+    assert_eq!(unprocessed("pong").await, 0);
+    assert_eq!(unprocessed("deployed").await, 0);
+
+    // LIKE's own wildcards in a kind are literal characters of the pattern.
+    let listening =
+        format!("{POLICY}\n[[reactions]]\nname = \"pong\"\non = \"po_g\"\npropose = \"digest\"\n");
+    opsloop::policy::store::apply(&db.pool, &listening, "test")
+        .await
+        .expect("apply");
+    emit(&db, "pong", serde_json::json!({})).await;
+    emit(&db, "po_g", serde_json::json!({})).await;
+    assert_eq!(unprocessed("pong").await, 0);
+    assert_eq!(unprocessed("po_g").await, 1);
+
+    heartbeat::tick(&db.pool, &policy()).await.expect("tick");
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ops_agent_events WHERE processed_at IS NULL")
+            .fetch_one(&db.pool)
+            .await
+            .expect("count");
+    assert_eq!(left, 0);
+}
+
 #[tokio::test]
 async fn cooldown_and_probability_decide_and_are_recorded() {
     let db = setup().await;

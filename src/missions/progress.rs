@@ -124,12 +124,15 @@ pub async fn finish_batch(
                    coalesce(started_at, now()), now()
             FROM stored
          ), events AS (
-            INSERT INTO ops_agent_events (kind, source, mission_id, step_id, payload)
+            INSERT INTO ops_agent_events (kind, source, mission_id, step_id, payload, processed_at)
             SELECT CASE WHEN outcome = 'succeeded' THEN 'step.succeeded' ELSE 'step.retrying' END,
                    'worker', mission_id, id,
                    CASE WHEN outcome = 'succeeded' THEN jsonb_build_object('name', name, 'attempt', attempts)
                         ELSE jsonb_build_object('name', name, 'attempt', attempts, 'max_attempts', max_attempts,
-                                                'error', error, 'retry_in_ms', retry_ms) END
+                                                'error', error, 'retry_in_ms', retry_ms) END,
+                   -- scalar subqueries: evaluated once per statement, not per row
+                   CASE WHEN outcome = 'succeeded' THEN (SELECT ops_processed_at('step.succeeded'))
+                        ELSE (SELECT ops_processed_at('step.retrying')) END
             FROM stored
             WHERE outcome = 'succeeded' OR (outcome = 'failed' AND attempts < max_attempts)
             ORDER BY id
@@ -225,8 +228,9 @@ async fn advance(conn: &mut PgConnection, done: &[&Stored]) -> OpsResult<()> {
               AND m.status = 'running'
             RETURNING m.id, m.template, m.proposal_id
          ), events AS (
-            INSERT INTO ops_agent_events (kind, source, proposal_id, mission_id, payload)
-            SELECT 'mission.succeeded', 'worker', proposal_id, id, jsonb_build_object('template', template)
+            INSERT INTO ops_agent_events (kind, source, proposal_id, mission_id, payload, processed_at)
+            SELECT 'mission.succeeded', 'worker', proposal_id, id, jsonb_build_object('template', template),
+                   (SELECT ops_processed_at('mission.succeeded'))
             FROM finished ORDER BY id
          )
          SELECT (SELECT count(*) FROM (SELECT pg_notify('ops_steps_ready', '')

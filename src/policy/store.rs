@@ -40,6 +40,15 @@ pub async fn apply(pool: &PgPool, source: &str, applied_by: &str) -> OpsResult<i
     .bind(notify_config(&policy.notify))
     .execute(&mut *tx)
     .await?;
+    // Events are written already processed when no rule can match their kind
+    // (ops_processed_at in migrations/0001_schema.sql).
+    sqlx::query(
+        "INSERT INTO ops_policy (key, value, updated_at) VALUES ('reactions', $1, now())
+         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
+    )
+    .bind(reactions_config(&policy))
+    .execute(&mut *tx)
+    .await?;
     let version: i64 = sqlx::query_scalar(
         "INSERT INTO ops_policy (key, value, updated_at)
          VALUES ('policy', jsonb_build_object('version', 1, 'source', $1::text, 'applied_by', $2::text), now())
@@ -66,6 +75,16 @@ fn notify_config(notify: &NotifyPolicy) -> serde_json::Value {
         .map(|p| like_pattern(p.as_str()))
         .collect();
     serde_json::json!({ "chats": notify.chats, "like": like })
+}
+
+/// The kinds reaction rules listen to, as LIKE patterns.
+fn reactions_config(policy: &Policy) -> serde_json::Value {
+    let like: Vec<String> = policy
+        .reactions
+        .iter()
+        .map(|r| like_pattern(r.on.as_str()))
+        .collect();
+    serde_json::json!({ "like": like })
 }
 
 /// `mission.*` → `mission.%`, with LIKE's own wildcards escaped.

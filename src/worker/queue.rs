@@ -43,9 +43,10 @@ pub async fn claim(
             WHERE s.id = ANY(ARRAY(SELECT id FROM ready))
             RETURNING s.id, s.mission_id, s.name, s.spec, s.attempts
          ), started AS (
-            INSERT INTO ops_agent_events (kind, source, mission_id, step_id, payload)
+            INSERT INTO ops_agent_events (kind, source, mission_id, step_id, payload, processed_at)
             SELECT 'step.started', 'worker', c.mission_id, c.id,
-                   jsonb_build_object('name', c.name, 'attempt', c.attempts, 'worker', $1::text)
+                   jsonb_build_object('name', c.name, 'attempt', c.attempts, 'worker', $1::text),
+                   (SELECT ops_processed_at('step.started'))
             FROM claimed c
          )
          SELECT c.id, c.mission_id, c.name, c.spec, c.attempts, x.params
