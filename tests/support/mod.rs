@@ -61,6 +61,7 @@ async fn template() -> &'static str {
         .get_or_init(|| async {
             let name = format!("opsloop_tpl_{}", std::process::id());
             let admin = admin().await;
+            drop_leftovers(&admin).await;
             let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
                 .execute(&admin)
                 .await;
@@ -77,6 +78,26 @@ async fn template() -> &'static str {
             name
         })
         .await
+}
+
+/// Databases of earlier test runs whose process is gone (tests don't drop their own:
+/// a failed test's database is worth looking at until the next run).
+async fn drop_leftovers(admin: &PgPool) {
+    let names: Vec<String> = sqlx::query_scalar(
+        r"SELECT datname FROM pg_database WHERE datname ~ '^opsloop_(t|tpl)_\d+(_\d+)?$'",
+    )
+    .fetch_all(admin)
+    .await
+    .unwrap_or_default();
+    for name in names {
+        let pid = name.split('_').nth(2).unwrap_or_default();
+        if Path::new("/proc").join(pid).exists() {
+            continue; // another test binary is running
+        }
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(admin)
+            .await;
+    }
 }
 
 /// A fresh, migrated database for one test.
