@@ -26,6 +26,14 @@ steps = [
   { name = "three", kind = "shell", run = ["sh", "-c", "echo three-$OPSLOOP_ATTEMPT >> \"$OPSLOOP_PARAM_FILE\""] },
 ]
 
+[templates.announce]
+risk = "low"
+params.file = { pattern = '^/[A-Za-z0-9/_.-]+$', help = "a file" }
+steps = [
+  { name = "work", kind = "noop" },
+  { name = "tell", kind = "emit", event = "work.done", payload = { file = "{file}" } },
+]
+
 [templates.flaky]
 risk = "low"
 steps = [
@@ -194,6 +202,39 @@ async fn a_three_step_mission_runs_in_order_and_succeeds() {
         .await
         .expect("runs");
     assert_eq!(runs, 3);
+    l.stop().await;
+}
+
+/// An `emit` step's event is part of its step: it comes before `mission.succeeded`,
+/// and carries the substituted payload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emit_steps_event_comes_before_its_mission_succeeds() {
+    let l = start().await;
+    let mission = l.propose("announce", &[("file", "/tmp/x")]).await;
+    assert_eq!(
+        l.wait_mission(mission, Duration::from_secs(10)).await,
+        "succeeded"
+    );
+    assert_eq!(
+        l.kinds(mission).await,
+        [
+            "mission.started",
+            "step.started",
+            "step.succeeded",
+            "step.started",
+            "step.succeeded",
+            "work.done",
+            "mission.succeeded"
+        ]
+    );
+    let payload: serde_json::Value = sqlx::query_scalar(
+        "SELECT payload FROM ops_agent_events WHERE kind = 'work.done' AND mission_id = $1",
+    )
+    .bind(mission)
+    .fetch_one(&l.db.pool)
+    .await
+    .expect("payload");
+    assert_eq!(payload["file"], "/tmp/x");
     l.stop().await;
 }
 

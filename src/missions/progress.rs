@@ -163,6 +163,19 @@ pub async fn finish_batch(
     };
     telemetry::step_outcome("retrying", failed(false) as u64);
     telemetry::step_outcome("failed", failed(true) as u64);
+    // An `emit` step's event belongs to its step, so it comes before `mission.succeeded`.
+    for s in &stored {
+        if let Some((_, Ending::Succeeded { result })) =
+            items.iter().find(|(lease, _)| lease.step_id == s.id)
+            && let Some((event, payload)) = emitted_event(result)
+        {
+            let event = NewEvent::new(event, sources::WORKER)
+                .mission(s.mission_id)
+                .step(s.id)
+                .payload(payload);
+            events::emit(conn, event).await?;
+        }
+    }
     let succeeded: Vec<&Stored> = stored.iter().filter(|s| s.outcome == "succeeded").collect();
     if !succeeded.is_empty() {
         advance(conn, &succeeded).await?;
@@ -172,15 +185,6 @@ pub async fn finish_batch(
             continue;
         };
         match ending {
-            Ending::Succeeded { result } => {
-                if let Some((event, payload)) = emitted_event(result) {
-                    let event = NewEvent::new(event, sources::WORKER)
-                        .mission(s.mission_id)
-                        .step(s.id)
-                        .payload(payload);
-                    events::emit(conn, event).await?;
-                }
-            }
             Ending::Failed { error, .. } if s.attempts >= s.max_attempts => {
                 fail_for_good(
                     conn,
