@@ -13,9 +13,6 @@ use sqlx::PgPool;
 use crate::error::OpsResult;
 use crate::policy::RetentionPolicy;
 
-// Events and action runs are walked in id order (ids grow with time), so the oldest
-// come first without an index on their timestamps, which every insert would pay for.
-
 /// Statements per kind of row and tick: with `batch` rows each, a tick's work is bounded.
 const ROUNDS: u32 = 10;
 
@@ -37,6 +34,8 @@ const PROPOSALS: &str = "DELETE FROM ops_mission_proposals WHERE id IN (
       AND (m.id IS NULL OR (m.status <> 'running' AND m.finished_at < $1))
     LIMIT $2)";
 
+// Events and action runs are walked in id order (ids grow with time), so the oldest
+// come first without an index on their timestamps, which every insert would pay for.
 const EVENTS: &str = "DELETE FROM ops_agent_events WHERE id IN (
     SELECT e.id FROM ops_agent_events e
     WHERE e.created_at < $1 AND e.processed_at IS NOT NULL

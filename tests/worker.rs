@@ -34,6 +34,13 @@ steps = [
   { name = "tell", kind = "emit", event = "work.done", payload = { file = "{file}" } },
 ]
 
+# Only so that mission.succeeded has a listener (no test here ticks an announce event).
+[[reactions]]
+name = "after-announce"
+on = "mission.succeeded"
+where = { template = "announce" }
+propose = "long"
+
 [templates.flaky]
 risk = "low"
 steps = [
@@ -206,7 +213,8 @@ async fn a_three_step_mission_runs_in_order_and_succeeds() {
 }
 
 /// An `emit` step's event is part of its step: it comes before `mission.succeeded`,
-/// and carries the substituted payload.
+/// and carries the substituted payload. Of the events the worker writes, only the one a
+/// reaction rule listens to (`mission.succeeded`) waits for the tick.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_emit_steps_event_comes_before_its_mission_succeeds() {
     let l = start().await;
@@ -235,6 +243,14 @@ async fn an_emit_steps_event_comes_before_its_mission_succeeds() {
     .await
     .expect("payload");
     assert_eq!(payload["file"], "/tmp/x");
+    let waiting: Vec<String> = sqlx::query_scalar(
+        "SELECT kind FROM ops_agent_events WHERE mission_id = $1 AND processed_at IS NULL",
+    )
+    .bind(mission)
+    .fetch_all(&l.db.pool)
+    .await
+    .expect("unprocessed");
+    assert_eq!(waiting, ["mission.succeeded"]);
     l.stop().await;
 }
 

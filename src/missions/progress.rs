@@ -114,7 +114,8 @@ pub async fn finish_batch(
                 finished_at = CASE WHEN i.outcome = 'failed' AND s.attempts < s.max_attempts THEN NULL ELSE now() END,
                 result = i.result, error = i.error, lease_owner = NULL, lease_expires_at = NULL
             FROM input i
-            -- s.id = ANY($1): by key; a bare join walks every running step.
+            -- s.id = ANY($1) offers the planner the key; with lagging statistics it may
+            -- still walk the lease index, whose rows are only the running steps.
             WHERE s.id = ANY($1) AND s.id = i.id AND s.lease_owner = i.owner AND s.attempts = i.attempt AND s.status = 'running'
             RETURNING s.id, s.mission_id, s.seq, s.name, s.attempts, s.max_attempts, s.started_at,
                       i.outcome, i.error, i.retry_ms, i.owner
