@@ -8,7 +8,8 @@
 mod read;
 mod rules;
 mod sections;
-pub mod store;
+// Transitional alias: the store moved to `crate::store::policy`.
+pub use crate::store::policy as store;
 mod templates;
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 use tokio::sync::RwLock;
 
-use super::{NotifyPolicy, Policy, parse};
+use crate::domain::policy::{NotifyPolicy, Policy, parse};
 use crate::error::{OpsError, OpsResult};
 
 /// A parsed policy and the version it was stored under.
