@@ -6,3 +6,4 @@ pub mod error;
 pub mod input;
 pub mod policy;
 pub mod steps;
+pub mod vocab;

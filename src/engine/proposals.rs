@@ -19,33 +19,8 @@ use crate::missions::{self, PlannedStep};
 use crate::policy::{Policy, Risk, Template};
 use crate::telemetry;
 
-/// Where a proposal came from. Reactions and triggers are automatic: the pause switch
-/// refuses them, while people's proposals are still accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    Telegram,
-    Cli,
-    Http,
-    Reaction,
-    Trigger,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Telegram => "telegram",
-            Source::Cli => "cli",
-            Source::Http => "http",
-            Source::Reaction => "reaction",
-            Source::Trigger => "trigger",
-        }
-    }
-
-    pub fn is_automatic(self) -> bool {
-        matches!(self, Source::Reaction | Source::Trigger)
-    }
-}
+/// Where a proposal came from (reactions and triggers are automatic: pause refuses them).
+pub use crate::domain::vocab::Source;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -8,7 +8,9 @@ use sqlx::PgPool;
 use tokio::sync::RwLock;
 
 use crate::domain::policy::{NotifyPolicy, Policy, parse};
+use crate::domain::vocab::{EventKind, Source};
 use crate::error::{OpsError, OpsResult};
+use crate::store::events::{self, NewEvent};
 
 /// A parsed policy and the version it was stored under.
 #[derive(Debug, Clone)]
@@ -62,6 +64,12 @@ pub async fn apply(pool: &PgPool, source: &str, applied_by: &str) -> OpsResult<i
     .bind(source)
     .bind(applied_by)
     .fetch_one(&mut *tx)
+    .await?;
+    events::emit(
+        &mut tx,
+        NewEvent::new(EventKind::PolicyApplied, Source::Cli)
+            .payload(serde_json::json!({ "version": version, "by": applied_by })),
+    )
     .await?;
     tx.commit().await?;
     Ok(version)

@@ -8,7 +8,11 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
+use serde_json::json;
+
+use crate::domain::vocab::{EventKind, Source};
 use crate::error::{OpsError, OpsResult};
+use crate::store::events::{self, NewEvent};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,46 +90,76 @@ pub async fn list(pool: &PgPool) -> OpsResult<Vec<User>> {
     .await?)
 }
 
-/// Give `telegram_id` a role (creating the user if new).
-pub async fn grant(pool: &PgPool, telegram_id: i64, role: Role) -> OpsResult<()> {
+/// Give `telegram_id` a role (creating the user if new), with its `user.granted`
+/// event in the same transaction. Returns false when they had that role already.
+pub async fn grant(
+    pool: &PgPool,
+    telegram_id: i64,
+    role: Role,
+    source: Source,
+    by: &str,
+) -> OpsResult<bool> {
     if telegram_id <= 0 {
         return Err(OpsError::bad_input(format!(
             "{telegram_id} is not a Telegram user id (user ids are positive numbers)"
         )));
     }
+    let mut tx = pool.begin().await?;
     // Someone who already wrote to the bot privately can be written to at once.
-    sqlx::query(
-        "INSERT INTO ops_users (telegram_id, role, name, started)
+    let previous: Option<Option<String>> = sqlx::query_scalar(
+        "WITH before AS (SELECT role FROM ops_users WHERE telegram_id = $1)
+         INSERT INTO ops_users (telegram_id, role, name, started)
          SELECT $1, $2, c.name, c.telegram_id IS NOT NULL
          FROM (SELECT 1) one LEFT JOIN ops_telegram_contacts c ON c.telegram_id = $1
-         ON CONFLICT (telegram_id) DO UPDATE SET role = EXCLUDED.role, updated_at = now()",
+         ON CONFLICT (telegram_id) DO UPDATE SET role = EXCLUDED.role, updated_at = now()
+           WHERE ops_users.role IS DISTINCT FROM EXCLUDED.role
+         RETURNING (SELECT role FROM before)",
     )
     .bind(telegram_id)
     .bind(role.as_str())
-    .execute(pool)
+    .fetch_optional(&mut *tx)
     .await?;
-    Ok(())
+    let Some(previous) = previous else {
+        return Ok(false);
+    };
+    events::emit(
+        &mut tx,
+        NewEvent::new(EventKind::UserGranted, source).payload(json!({
+            "telegram_id": telegram_id, "role": role, "previous": previous, "by": by,
+        })),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
-/// Remove a user. Refused for an unknown id.
-pub async fn revoke(pool: &PgPool, telegram_id: i64) -> OpsResult<()> {
-    let gone = sqlx::query("DELETE FROM ops_users WHERE telegram_id = $1")
-        .bind(telegram_id)
-        .execute(pool)
-        .await?
-        .rows_affected();
-    if gone == 0 {
+/// Remove a user, with its `user.revoked` event. Refused for an unknown id.
+pub async fn revoke(pool: &PgPool, telegram_id: i64, source: Source, by: &str) -> OpsResult<()> {
+    let mut tx = pool.begin().await?;
+    let role: Option<String> =
+        sqlx::query_scalar("DELETE FROM ops_users WHERE telegram_id = $1 RETURNING role")
+            .bind(telegram_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(role) = role else {
         return Err(OpsError::bad_input(format!(
             "there is no user {telegram_id}"
         )));
-    }
+    };
+    events::emit(
+        &mut tx,
+        NewEvent::new(EventKind::UserRevoked, source)
+            .payload(json!({ "telegram_id": telegram_id, "role": role, "by": by })),
+    )
+    .await?;
+    tx.commit().await?;
     Ok(())
 }
 
 /// Make the `OPSLOOP_ADMINS` ids admins (at start). Other users are left alone.
 pub async fn ensure_admins(pool: &PgPool, admins: &[i64]) -> OpsResult<()> {
     for &id in admins {
-        grant(pool, id, Role::Admin).await?;
+        grant(pool, id, Role::Admin, Source::Cli, "OPSLOOP_ADMINS").await?;
     }
     Ok(())
 }

@@ -310,7 +310,7 @@ async fn handle(
             };
             let id = parse_telegram_id(id)?;
             let role: Role = role.parse()?;
-            users::grant(pool, id, role).await?;
+            users::grant(pool, id, role, Source::Telegram, &me).await?;
             let started = users::get(pool, id).await?.is_some_and(|u| u.started);
             format!(
                 "✅ {id} is now {role}.{}",
@@ -323,7 +323,7 @@ async fn handle(
         }
         Command::Revoke(args) => {
             let id = parse_telegram_id(first(&args, "user")?)?;
-            users::revoke(pool, id).await?;
+            users::revoke(pool, id, Source::Telegram, &me).await?;
             format!("✅ {id} revoked.")
         }
         Command::Users => {

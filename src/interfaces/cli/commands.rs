@@ -293,12 +293,12 @@ async fn users_command(pool: &sqlx::PgPool, command: UsersCommand) -> OpsResult<
         UsersCommand::Grant { telegram_id, role } => {
             let id = parse_telegram_id(&telegram_id)?;
             let role: Role = role.parse()?;
-            users::grant(pool, id, role).await?;
+            users::grant(pool, id, role, Source::Cli, &whoami(None)?).await?;
             println!("user {id} is now {role}");
         }
         UsersCommand::Revoke { telegram_id } => {
             let id = parse_telegram_id(&telegram_id)?;
-            users::revoke(pool, id).await?;
+            users::revoke(pool, id, Source::Cli, &whoami(None)?).await?;
             println!("user {id} revoked");
         }
     }
