@@ -11,7 +11,6 @@ use crate::error::{OpsError, OpsResult};
 use crate::events::{self, NewEvent};
 use crate::notify;
 use crate::proposals::{self, ProposalStatus};
-use crate::telemetry;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -78,26 +77,6 @@ struct Locked {
 /// Approve or reject proposal `id` as `actor`. Refuses, with the current state and who
 /// decided, when the proposal is no longer pending.
 pub async fn decide(
-    pool: &PgPool,
-    id: i64,
-    actor: &str,
-    decision: Decision,
-    reason: Option<&str>,
-    source: &str,
-) -> OpsResult<Decided> {
-    let decided = decide_in(pool, id, actor, decision, reason, source).await;
-    let result = match &decided {
-        Ok(d) if !d.counted && d.status == ProposalStatus::Pending => "repeated",
-        Ok(d) => d.status.as_str(),
-        Err(OpsError::Refused(_)) => "refused",
-        Err(OpsError::BadInput(_)) => "bad_input",
-        Err(_) => "error",
-    };
-    telemetry::decision(decision.as_str(), result);
-    decided
-}
-
-async fn decide_in(
     pool: &PgPool,
     id: i64,
     actor: &str,

@@ -17,7 +17,6 @@ use crate::events::{self, NewEvent};
 use crate::gates;
 use crate::missions::{self, PlannedStep};
 use crate::policy::{Policy, Risk, Template};
-use crate::telemetry;
 
 /// Where a proposal came from (reactions and triggers are automatic: pause refuses them).
 pub use crate::domain::vocab::Source;
@@ -210,8 +209,6 @@ pub async fn propose_in(
                 })),
         )
         .await?;
-        telemetry::proposal_created(request.source.as_str(), "rejected");
-        telemetry::gate_refused(refusal.gate);
         proposed.reason = Some(refusal.reason);
         proposed.existing_id = refusal.existing;
         return Ok(proposed);
@@ -222,7 +219,6 @@ pub async fn propose_in(
         proposed.status = ProposalStatus::Approved;
         proposed.mission_id = Some(mission_id);
     }
-    telemetry::proposal_created(request.source.as_str(), proposed.status.as_str());
     Ok(proposed)
 }
 

@@ -63,15 +63,6 @@ pub fn handle() -> PrometheusHandle {
 }
 
 fn describe() {
-    describe_counter!(
-        PROPOSALS,
-        "Proposals created, by source and outcome (approved, pending, rejected)"
-    );
-    describe_counter!(GATE_REFUSALS, "Proposals refused by a gate, by gate");
-    describe_counter!(
-        DECISIONS,
-        "People's decisions on proposals, by decision and resulting state"
-    );
     describe_counter!(MISSIONS_FINISHED, "Missions finished, by status");
     describe_counter!(
         STEPS,
@@ -113,18 +104,6 @@ fn describe() {
     }
 }
 
-pub fn proposal_created(source: &'static str, outcome: &'static str) {
-    counter!(PROPOSALS, "source" => source, "outcome" => outcome).increment(1);
-}
-
-pub fn gate_refused(gate: &'static str) {
-    counter!(GATE_REFUSALS, "gate" => gate).increment(1);
-}
-
-pub fn decision(decision: &'static str, result: &'static str) {
-    counter!(DECISIONS, "decision" => decision, "result" => result).increment(1);
-}
-
 pub fn mission_finished(status: &'static str) {
     counter!(MISSIONS_FINISHED, "status" => status).increment(1);
 }
@@ -158,6 +137,68 @@ pub fn notification(outcome: &'static str) {
 
 pub fn http_request(route: String, status: u16) {
     counter!(HTTP_REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
+}
+
+/// Counters kept by the database (migrations/0010_counters.sql), so that work done by
+/// any process is counted: proposals, gate refusals, decisions. Rendered straight from
+/// the database on each scrape (Prometheus text), never held in this process.
+pub async fn database_counters(pool: &PgPool) -> String {
+    let query = sqlx::query_as::<_, (String, serde_json::Value, i64)>(
+        "SELECT name, labels, value FROM ops_counters ORDER BY name, labels::text",
+    )
+    .fetch_all(pool);
+    let rows = match tokio::time::timeout(Duration::from_secs(1), query).await {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "metrics counters: query failed");
+            return String::new();
+        }
+        Err(_) => {
+            tracing::debug!("metrics counters: query timed out");
+            return String::new();
+        }
+    };
+    let families = [
+        (
+            "proposals",
+            PROPOSALS,
+            "Proposals created by any process, by source and outcome (approved, pending, rejected)",
+        ),
+        (
+            "gate_refusals",
+            GATE_REFUSALS,
+            "Proposals refused by a gate, by gate, from any process",
+        ),
+        (
+            "decisions",
+            DECISIONS,
+            "People's decisions on proposals (approve, reject), from any process",
+        ),
+    ];
+    let mut out = String::new();
+    for (key, metric, help) in families {
+        out.push_str(&format!(
+            "# HELP {metric} {help}\n# TYPE {metric} counter\n"
+        ));
+        for (_, labels, value) in rows.iter().filter(|r| r.0 == key) {
+            let mut pairs: Vec<String> = labels
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}=\"{}\"", label_value(v.as_str().unwrap_or(""))))
+                .collect();
+            pairs.sort();
+            out.push_str(&format!("{metric}{{{}}} {value}\n", pairs.join(",")));
+        }
+    }
+    out
+}
+
+/// A label value in Prometheus text: backslash, quote and newline escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// The cluster-wide gauges, from one cheap query (partial indexes cover it). Errors and

@@ -399,7 +399,7 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        Body::from(state.metrics.render()),
+        Body::from(state.metrics.render() + &telemetry::database_counters(&state.pool).await),
     )
         .into_response()
 }
