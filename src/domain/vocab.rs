@@ -144,6 +144,8 @@ vocabulary! {
         Trigger = "trigger",
         Worker = "worker",
         Heartbeat = "heartbeat",
+        /// A gate refused a proposal (its `proposal.rejected`).
+        Gate = "gate",
     }
 }
 
@@ -193,6 +195,18 @@ impl StepStatus {
     }
 }
 
+impl From<EventKind> for std::borrow::Cow<'static, str> {
+    fn from(kind: EventKind) -> Self {
+        std::borrow::Cow::Borrowed(kind.as_str())
+    }
+}
+
+impl From<Source> for String {
+    fn from(source: Source) -> Self {
+        source.as_str().to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,17 +223,5 @@ mod tests {
             assert_eq!(s.as_str().parse::<StepStatus>(), Ok(*s));
         }
         assert!("mission.exploded".parse::<EventKind>().is_err());
-    }
-}
-
-impl From<EventKind> for std::borrow::Cow<'static, str> {
-    fn from(kind: EventKind) -> Self {
-        std::borrow::Cow::Borrowed(kind.as_str())
-    }
-}
-
-impl From<Source> for String {
-    fn from(source: Source) -> Self {
-        source.as_str().to_string()
     }
 }
