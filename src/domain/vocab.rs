@@ -144,8 +144,7 @@ vocabulary! {
         Trigger = "trigger",
         Worker = "worker",
         Heartbeat = "heartbeat",
-        /// A gate refused a proposal (its `proposal.rejected`).
-        Gate = "gate",
+        Gate = "gate", // a gate refused a proposal
     }
 }
 
