@@ -88,9 +88,15 @@ async fn world_with(limits: &str) -> World {
         (CAROL, "approver"),
         (VIC, "viewer"),
     ] {
-        opsloop::users::grant(&db.pool, id, role.parse().expect("role"))
-            .await
-            .expect("grant");
+        opsloop::users::grant(
+            &db.pool,
+            id,
+            role.parse().expect("role"),
+            opsloop::domain::vocab::Source::Cli,
+            "test",
+        )
+        .await
+        .expect("grant");
     }
     let daemon = start_daemon(&db, &fake, limits);
     let w = World {
