@@ -54,9 +54,15 @@ async fn a_burst_survives_429s_500s_drops_and_a_restart_exactly_once_in_order() 
     let fake = FakeTelegram::start().await;
     let per_chat = 20;
     let policy = policy(per_chat);
-    opsloop::users::grant(&db.pool, ANN, "viewer".parse().expect("role"))
-        .await
-        .expect("grant");
+    opsloop::users::grant(
+        &db.pool,
+        ANN,
+        "viewer".parse().expect("role"),
+        opsloop::domain::vocab::Source::Cli,
+        "test",
+    )
+    .await
+    .expect("grant");
     let mut daemon = Daemon::start(&db, &fake, &policy, &ADMIN.to_string());
     fake.send_text(Chat::private(ANN), User::new(ANN, "Ann"), "/subscribe");
     assert!(
