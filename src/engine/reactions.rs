@@ -5,13 +5,12 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
 use crate::error::OpsResult;
 use crate::policy::{Policy, Reaction};
 use crate::proposals::{self, NewProposal, ProposalStatus, Source};
-use crate::steps::substitute_str;
 
 /// How long one tick may spend on reactions before leaving the rest for the next.
 const BUDGET: Duration = Duration::from_secs(5);
@@ -86,21 +85,12 @@ pub async fn process(pool: &PgPool, policy: &Policy, paused: bool) -> OpsResult<
     Ok(total)
 }
 
-/// Does `rule` apply to `event`: its `on` pattern and its `where` subset.
+/// Does `rule` apply to `event`: its `on` pattern and its `where` subset
+/// (`Reaction::matches`), but never to the proposals the rule made itself.
 pub fn matches(rule: &Reaction, event: &PendingEvent) -> bool {
-    rule.on.matches(&event.kind) && subset(&rule.r#where, &event.payload)
-        // A reaction never reacts to the proposals it made itself.
-        && event.payload.get("proposed_by").and_then(Value::as_str) != Some(&format!("reaction:{}", rule.name))
-}
-
-/// Every key of `want` is in `have` with an equal value (objects compared as subsets).
-pub fn subset(want: &Map<String, Value>, have: &Value) -> bool {
-    want.iter()
-        .all(|(key, expected)| match (expected, have.get(key)) {
-            (Value::Object(inner), Some(actual)) => subset(inner, actual),
-            (expected, Some(actual)) => expected == actual,
-            (_, None) => false,
-        })
+    rule.matches(&event.kind, &event.payload)
+        && event.payload.get("proposed_by").and_then(Value::as_str)
+            != Some(&format!("reaction:{}", rule.name))
 }
 
 async fn decide(
@@ -135,11 +125,7 @@ async fn decide(
     }
     let request = NewProposal {
         template: rule.propose.as_str().to_string(),
-        params: rule
-            .params
-            .iter()
-            .map(|(k, v)| (k.clone(), substitute_str(v, |name| lookup(event, name))))
-            .collect(),
+        params: rule.resolve_params(event.id, &event.kind, &event.source, &event.payload),
         proposed_by: format!("reaction:{}", rule.name),
         source: Source::Reaction,
     };
@@ -175,25 +161,4 @@ async fn record(
     .execute(conn)
     .await?;
     Ok(())
-}
-
-/// `{kind}`, `{id}`, `{source}`, `{payload.a.b}` from an event, as text.
-fn lookup(event: &PendingEvent, name: &str) -> Option<String> {
-    match name {
-        "kind" => Some(event.kind.clone()),
-        "id" => Some(event.id.to_string()),
-        "source" => Some(event.source.clone()),
-        _ => {
-            let path = name.strip_prefix("payload.")?;
-            let mut value = &event.payload;
-            for part in path.split('.') {
-                value = value.get(part)?;
-            }
-            Some(match value {
-                Value::String(s) => s.clone(),
-                Value::Null => String::new(),
-                other => other.to_string(),
-            })
-        }
-    }
 }
