@@ -301,7 +301,10 @@ async fn shell_cancel_is_honoured_while_leftovers_hold_the_pipes() {
         .expect("executor hung")
         .expect("executor panicked");
     assert!(matches!(out, Outcome::Cancelled { .. }), "{out:?}");
-    assert!(wait_gone(leftover).await, "leftover sleep {leftover} survived");
+    assert!(
+        wait_gone(leftover).await,
+        "leftover sleep {leftover} survived"
+    );
 }
 
 /// Without a `cwd` a step runs in a private directory of its own, removed afterwards.

@@ -285,7 +285,10 @@ impl Groups {
             if pids.len() >= n {
                 return pids;
             }
-            assert!(Instant::now() < deadline, "attempt {n} never started: {pids:?}");
+            assert!(
+                Instant::now() < deadline,
+                "attempt {n} never started: {pids:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -357,7 +360,13 @@ async fn a_worker_cut_off_from_the_database_kills_its_steps() {
     let _ = std::fs::remove_file(&file);
     let groups = Groups(file.clone());
     let _worker = Workers::start(&db.url, 1, 1);
-    let mission = propose(&db, &policy, "hold", &[("file", file.to_str().expect("utf-8"))]).await;
+    let mission = propose(
+        &db,
+        &policy,
+        "hold",
+        &[("file", file.to_str().expect("utf-8"))],
+    )
+    .await;
     let first = groups.wait_for(1, Duration::from_secs(15)).await[0];
     assert!(running(first));
 
@@ -382,13 +391,12 @@ async fn a_worker_cut_off_from_the_database_kills_its_steps() {
         let _ = opsloop::heartbeat::tick(&db.pool, &policy).await;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let kinds: Vec<String> = sqlx::query_scalar(
-        "SELECT kind FROM ops_agent_events WHERE mission_id = $1 ORDER BY id",
-    )
-    .bind(mission)
-    .fetch_all(&db.pool)
-    .await
-    .expect("events");
+    let kinds: Vec<String> =
+        sqlx::query_scalar("SELECT kind FROM ops_agent_events WHERE mission_id = $1 ORDER BY id")
+            .bind(mission)
+            .fetch_all(&db.pool)
+            .await
+            .expect("events");
     assert_eq!(
         kinds,
         [
@@ -437,17 +445,19 @@ steps = [ { name = "peek", kind = "shell", env = { STEP_OWN = "mine" },
     // The daemon applies its policy at start; propose once it is there.
     let deadline = Instant::now() + Duration::from_secs(30);
     let policy = loop {
-        let applied: Option<String> = sqlx::query_scalar(
-            "SELECT value->>'source' FROM ops_policy WHERE key = 'policy'",
-        )
-        .fetch_optional(&db.pool)
-        .await
-        .ok()
-        .flatten();
+        let applied: Option<String> =
+            sqlx::query_scalar("SELECT value->>'source' FROM ops_policy WHERE key = 'policy'")
+                .fetch_optional(&db.pool)
+                .await
+                .ok()
+                .flatten();
         if applied.is_some_and(|s| s.contains("peek")) {
             break opsloop::policy::parse(source).expect("policy");
         }
-        assert!(Instant::now() < deadline, "the daemon never applied its policy");
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never applied its policy"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let mission = propose(&db, &policy, "peek", &[]).await;
@@ -488,7 +498,10 @@ steps = [ { name = "peek", kind = "shell", env = { STEP_OWN = "mine" },
         "OPSLOOP_ATTEMPT=1",
         "PATH=",
     ] {
-        assert!(stdout.contains(wanted), "the step lacks {wanted}:\n{stdout}");
+        assert!(
+            stdout.contains(wanted),
+            "the step lacks {wanted}:\n{stdout}"
+        );
     }
     let cwd = stdout
         .lines()

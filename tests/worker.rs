@@ -685,7 +685,10 @@ async fn racing_a_cancel<T: Send + 'static>(
         if work.is_finished() || waiting > 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the work neither ended nor waited");
+        assert!(
+            Instant::now() < deadline,
+            "the work neither ended nor waited"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     cancel.commit().await.expect("commit the cancel");
@@ -733,11 +736,13 @@ async fn lease_recovery_racing_a_cancel_sees_it() {
         .mission_id
         .expect("mission");
     let step = claim_one(&db).await;
-    sqlx::query("UPDATE ops_mission_steps SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
-        .bind(step.id)
-        .execute(&db.pool)
-        .await
-        .expect("expire the lease");
+    sqlx::query(
+        "UPDATE ops_mission_steps SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(step.id)
+    .execute(&db.pool)
+    .await
+    .expect("expire the lease");
     let pool = db.pool.clone();
     racing_a_cancel(&db, mission, async move {
         heartbeat::tick(&pool, &policy).await.expect("tick")

@@ -80,7 +80,10 @@ pub(super) async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    if let Some(dir) = cwd.map(Path::new).or(workdir.as_ref().map(|w| w.path.as_path())) {
+    if let Some(dir) = cwd
+        .map(Path::new)
+        .or(workdir.as_ref().map(|w| w.path.as_path()))
+    {
         cmd.current_dir(dir);
     }
     cmd.env_clear().envs(inherited_env()).envs(env);
@@ -217,9 +220,8 @@ fn io_reason(e: &std::io::Error) -> String {
 fn inherited_env() -> Vec<(OsString, OsString)> {
     let mut vars: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(name, _)| {
-            name.to_str().is_some_and(|name| {
-                INHERITED_ENV.contains(&name) || name.starts_with("LC_")
-            })
+            name.to_str()
+                .is_some_and(|name| INHERITED_ENV.contains(&name) || name.starts_with("LC_"))
         })
         .collect();
     if !vars.iter().any(|(name, _)| name == "PATH") {
