@@ -269,6 +269,66 @@ async fn shell_leftover_holding_the_pipe_is_killed_after_exit() {
     assert!(wait_gone(pid).await, "leftover sleep {pid} survived");
 }
 
+/// The main process has exited but a leftover still holds the pipes: a cancel in that
+/// grace period kills the group at once and the attempt ends cancelled, not with the
+/// main process's exit status.
+#[tokio::test]
+async fn shell_cancel_is_honoured_while_leftovers_hold_the_pipes() {
+    let dir = scratch_dir("drain-cancel");
+    let (main, leftover) = (dir.join("main"), dir.join("leftover"));
+    let script = format!(
+        "sleep 60 & echo $! > {}; echo $$ > {}; exit 1",
+        leftover.display(),
+        main.display()
+    );
+    let spec = shell(&["sh", "-c", &script], None);
+    let c = ctx();
+    let cancel = c.cancel.clone();
+    let task = tokio::spawn(async move { Executors::new().execute(&spec, &c).await });
+    let (main, leftover) = (read_pid(&main).await, read_pid(&leftover).await);
+    // Reaped (not just a zombie): the executor has seen the exit and is draining.
+    let reaped = async {
+        while std::path::Path::new(&format!("/proc/{main}")).exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), reaped)
+        .await
+        .expect("the main process was never reaped");
+    cancel.cancel();
+    let out = tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("executor hung")
+        .expect("executor panicked");
+    assert!(matches!(out, Outcome::Cancelled { .. }), "{out:?}");
+    assert!(
+        wait_gone(leftover).await,
+        "leftover sleep {leftover} survived"
+    );
+}
+
+/// Without a `cwd` a step runs in a private directory of its own, removed afterwards.
+#[tokio::test]
+async fn shell_runs_in_a_private_directory_removed_afterwards() {
+    let daemon_dir = std::env::current_dir().unwrap();
+    let spec = shell(&["sh", "-c", "pwd; touch left-behind; ls -ld ."], None);
+    let Outcome::Succeeded { result } = exec(&spec, &ctx()).await else {
+        panic!("shell failed")
+    };
+    let stdout = result["stdout"].as_str().unwrap();
+    let mut lines = stdout.lines();
+    let dir = PathBuf::from(lines.next().unwrap());
+    assert_ne!(dir, daemon_dir);
+    assert!(
+        dir.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("opsloop-step-42-2-")),
+        "{stdout}"
+    );
+    assert!(lines.next().unwrap().starts_with("drwx------"), "{stdout}");
+    assert!(!dir.exists(), "{} was not removed", dir.display());
+}
+
 #[tokio::test]
 async fn shell_huge_output_keeps_the_tail() {
     let script = "head -c 5000000 /dev/zero | tr '\\000' a; printf END; \

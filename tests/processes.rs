@@ -1,4 +1,5 @@
-//! Real worker processes: exactly-once and crash recovery (issue 3, "Done when" 2 and 3).
+//! Real worker processes: exactly-once, crash recovery (issue 3, "Done when" 2 and 3),
+//! a worker cut off from the database, and what a step's process can see of the daemon.
 
 mod support;
 
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use opsloop::missions::progress::{self, Ending, Lease};
 use opsloop::policy::Policy;
-use support::{Effects, TestDb, opsloop_cmd, test_db};
+use support::{Daemon, Effects, TestDb, opsloop_cmd, test_db};
 
 fn exactly_once_policy(effects: &Effects) -> String {
     format!(
@@ -262,4 +263,251 @@ async fn a_killed_worker_s_step_is_recovered_and_its_late_result_refused() {
         .await
         .expect("status");
     assert_eq!(status, "succeeded");
+}
+
+/// Process groups whose leaders' pids a step wrote to `file`, one a line: killed on drop,
+/// so a failing test leaves no `sleep 300` behind.
+struct Groups(std::path::PathBuf);
+
+impl Groups {
+    fn pids(&self) -> Vec<i32> {
+        std::fs::read_to_string(&self.0)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pids = self.pids();
+            if pids.len() >= n {
+                return pids;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "attempt {n} never started: {pids:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Groups {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            // SAFETY: kill(2) on a process group our test's step started.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Gone, or a zombie: no longer running.
+fn running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+/// Connections to `db` refused, and every open one terminated (the test's own too).
+async fn cut_off(admin: &sqlx::PgPool, db: &TestDb, allowed: bool) {
+    sqlx::query(&format!(
+        "ALTER DATABASE {} ALLOW_CONNECTIONS {allowed}",
+        db.name
+    ))
+    .execute(admin)
+    .await
+    .expect("alter database");
+    if !allowed {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&db.name)
+        .execute(admin)
+        .await
+        .expect("terminate");
+    }
+}
+
+const CUT_POLICY: &str = r#"
+[worker]
+lease = "2s"
+max_attempts = 3
+
+[templates.hold]
+risk = "low"
+params.file = { pattern = '^/[A-Za-z0-9/_.-]+$', help = "a file" }
+steps = [ { name = "hold", kind = "shell", run = ["sh", "-c", "echo $$ >> \"$OPSLOOP_PARAM_FILE\"; exec sleep 300"] } ]
+"#;
+
+/// A worker that cannot renew its leases kills its steps within about a lease, before
+/// the heartbeat can give them to another worker: never two attempts at once. Once the
+/// database is back, the step is recovered and run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_cut_off_from_the_database_kills_its_steps() {
+    let db = test_db().await;
+    opsloop::policy::store::apply(&db.pool, CUT_POLICY, "test")
+        .await
+        .expect("apply");
+    let policy = opsloop::policy::parse(CUT_POLICY).expect("policy");
+    let file = std::env::temp_dir().join(format!("opsloop-cut-{}.pids", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let groups = Groups(file.clone());
+    let _worker = Workers::start(&db.url, 1, 1);
+    let mission = propose(
+        &db,
+        &policy,
+        "hold",
+        &[("file", file.to_str().expect("utf-8"))],
+    )
+    .await;
+    let first = groups.wait_for(1, Duration::from_secs(15)).await[0];
+    assert!(running(first));
+
+    let admin = opsloop::db::connect(&opsloop::db::with_database(&db.url, "postgres"), 1)
+        .await
+        .expect("admin");
+    cut_off(&admin, &db, false).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running(first) {
+        assert!(
+            Instant::now() < deadline,
+            "the step {first} still runs though its worker has not renewed its lease for 30s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cut_off(&admin, &db, true).await;
+
+    // Back: the heartbeat recovers the expired lease and the worker runs attempt 2.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while groups.pids().len() < 2 {
+        assert!(Instant::now() < deadline, "the step was never run again");
+        let _ = opsloop::heartbeat::tick(&db.pool, &policy).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let kinds: Vec<String> =
+        sqlx::query_scalar("SELECT kind FROM ops_agent_events WHERE mission_id = $1 ORDER BY id")
+            .bind(mission)
+            .fetch_all(&db.pool)
+            .await
+            .expect("events");
+    assert_eq!(
+        kinds,
+        [
+            "mission.started",
+            "step.started",
+            "step.recovered",
+            "step.started"
+        ]
+    );
+    admin.close().await;
+}
+
+/// A step sees neither the daemon's secrets (from its environment or its `.env`) nor
+/// its working directory; it gets a short allowlist, its own `env` and `OPSLOOP_*`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_sees_nothing_of_the_daemon_s_secrets_or_directory() {
+    let db = test_db().await;
+    let home = std::env::temp_dir().join(format!("opsloop-daemon-home-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(&home).expect("daemon dir");
+    std::fs::write(
+        home.join(".env"),
+        "AWS_SECRET_ACCESS_KEY=aws-secret-from-dotenv\nOPS_KEY=ops-key-from-dotenv\n",
+    )
+    .expect(".env");
+    let source = r#"
+[templates.peek]
+risk = "low"
+steps = [ { name = "peek", kind = "shell", env = { STEP_OWN = "mine" },
+            run = ["sh", "-c", "env; echo cwd=$(pwd); cat .env 2>&1; true"] } ]
+"#;
+    let policy_file = home.join("policy.toml");
+    std::fs::write(&policy_file, source).expect("policy");
+    let _daemon = Daemon(
+        opsloop_cmd(Some(&db.url))
+            .args(["run", "--policy", policy_file.to_str().expect("utf-8")])
+            .current_dir(&home)
+            .env("OPSLOOP_HTTP_ADDR", "127.0.0.1:0")
+            .env("PGPASSWORD", "pg-password-from-env")
+            .env("TZ", "Europe/Paris")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn opsloop run"),
+    );
+    // The daemon applies its policy at start; propose once it is there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let policy = loop {
+        let applied: Option<String> =
+            sqlx::query_scalar("SELECT value->>'source' FROM ops_policy WHERE key = 'policy'")
+                .fetch_optional(&db.pool)
+                .await
+                .ok()
+                .flatten();
+        if applied.is_some_and(|s| s.contains("peek")) {
+            break opsloop::policy::parse(source).expect("policy");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never applied its policy"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mission = propose(&db, &policy, "peek", &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stdout = loop {
+        let done: Option<(String, Option<String>)> = sqlx::query_as(
+            "SELECT status, result->>'stdout' FROM ops_mission_steps
+             WHERE mission_id = $1 AND status NOT IN ('queued', 'running')",
+        )
+        .bind(mission)
+        .fetch_optional(&db.pool)
+        .await
+        .expect("step");
+        if let Some((status, stdout)) = done {
+            assert_eq!(status, "succeeded");
+            break stdout.unwrap_or_default();
+        }
+        assert!(Instant::now() < deadline, "the step never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for secret in [
+        "aws-secret-from-dotenv",
+        "AWS_SECRET_ACCESS_KEY",
+        "ops-key-from-dotenv",
+        "OPS_KEY",
+        "pg-password-from-env",
+        "PGPASSWORD",
+        "DATABASE_URL",
+        "OPSLOOP_HTTP_ADDR",
+        "OPSLOOP_LOG",
+    ] {
+        assert!(!stdout.contains(secret), "the step saw {secret}:\n{stdout}");
+    }
+    for wanted in [
+        "STEP_OWN=mine",
+        "TZ=Europe/Paris",
+        &format!("OPSLOOP_MISSION_ID={mission}"),
+        "OPSLOOP_ATTEMPT=1",
+        "PATH=",
+    ] {
+        assert!(
+            stdout.contains(wanted),
+            "the step lacks {wanted}:\n{stdout}"
+        );
+    }
+    let cwd = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("cwd="))
+        .expect("cwd line");
+    let home = std::fs::canonicalize(&home).expect("canonical");
+    assert_ne!(std::path::Path::new(cwd), home, "{stdout}");
+    assert!(!std::path::Path::new(cwd).exists(), "{cwd} was left behind");
 }

@@ -5,8 +5,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use opsloop::heartbeat;
+use opsloop::missions::progress::{self, Ending, Lease};
 use opsloop::policy::store::PolicyCache;
-use opsloop::worker::Worker;
+use opsloop::worker::{Worker, queue};
 use support::{TestDb, test_db};
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +59,13 @@ steps = [ { name = "hang", kind = "shell", max_attempts = 1, timeout = "1s",
 risk = "low"
 params.file = { pattern = '^/[A-Za-z0-9/_.-]+$', help = "a file" }
 steps = [ { name = "sleep", kind = "shell", run = ["sh", "-c", "echo $$ > \"$OPSLOOP_PARAM_FILE\"; exec sleep 60"] } ]
+
+# Fails after 1s, leaving a child that holds its pipes; writes a marker just before.
+[templates.late]
+risk = "low"
+params.file = { pattern = '^/[A-Za-z0-9/_.-]+$', help = "a file" }
+steps = [ { name = "late", kind = "shell",
+            run = ["sh", "-c", "echo run $OPSLOOP_ATTEMPT >> \"$OPSLOOP_PARAM_FILE\"; sleep 30 & sleep 1; echo exiting > \"$OPSLOOP_PARAM_FILE.exit\"; exit 1"] } ]
 
 [templates.long]
 risk = "low"
@@ -474,4 +482,273 @@ async fn http_steps_succeed_fail_on_status_and_time_out() {
         assert!(error.contains(words), "{error}");
     }
     l.stop().await;
+}
+
+/// The issue's repro: the attempt fails (exit 1) after the cancel, while a child it left
+/// still holds its pipes. The cancel wins: no retry, no second run, no dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_while_an_attempt_ends_in_failure_is_final() {
+    let l = start().await;
+    let runs = temp_file("late-runs.txt");
+    let exited = format!("{runs}.exit");
+    let _ = std::fs::remove_file(&exited);
+    let mission = l.propose("late", &[("file", &runs)]).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !std::path::Path::new(&exited).exists() {
+        assert!(Instant::now() < deadline, "the step never got to its exit");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    opsloop::missions::cancel(&l.db.pool, mission, "test", "cli")
+        .await
+        .expect("cancel");
+    assert!(
+        l.wait_step_status(mission, "cancelled", Duration::from_secs(15))
+            .await,
+        "step not cancelled"
+    );
+    // Longer than the retry backoff (200ms + jitter): a wrongful retry would show.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(std::fs::read_to_string(&runs).expect("runs"), "run 1\n");
+    assert_eq!(
+        l.kinds(mission).await,
+        ["mission.started", "step.started", "mission.cancelled"]
+    );
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM ops_step_dead_letters")
+        .fetch_one(&l.db.pool)
+        .await
+        .expect("dead letters");
+    assert_eq!(dead, 0);
+    assert_eq!(l.mission_status(mission).await, "cancelled");
+    l.stop().await;
+}
+
+/// The database alone, no worker: a test claims and reports as a worker would.
+async fn bare() -> (support::TestDb, opsloop::policy::Policy) {
+    let db = test_db().await;
+    opsloop::policy::store::apply(&db.pool, POLICY, "test")
+        .await
+        .expect("apply");
+    (db, opsloop::policy::parse(POLICY).expect("policy"))
+}
+
+async fn claim_one(db: &TestDb) -> queue::Claimed {
+    let mut claimed = queue::claim(&db.pool, "test-worker", 10, Duration::from_secs(60))
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    claimed.remove(0)
+}
+
+async fn report(db: &TestDb, step: &queue::Claimed, ending: Ending) -> bool {
+    let lease = Lease {
+        step_id: step.id,
+        owner: "test-worker".into(),
+        attempt: step.attempts,
+    };
+    let mut tx = db.pool.begin().await.expect("begin");
+    let stored = progress::finish(&mut tx, &lease, &ending, 2)
+        .await
+        .expect("finish");
+    tx.commit().await.expect("commit");
+    stored
+}
+
+fn failure() -> Ending {
+    Ending::Failed {
+        error: "exit status 1".into(),
+        result: serde_json::json!({ "exit_code": 1 }),
+        retry_in: Duration::ZERO,
+    }
+}
+
+async fn step_row(db: &TestDb, id: i64) -> (String, i32) {
+    sqlx::query_as("SELECT status, attempts FROM ops_mission_steps WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .expect("step")
+}
+
+async fn event_kinds(db: &TestDb, mission: i64) -> Vec<String> {
+    sqlx::query_scalar("SELECT kind FROM ops_agent_events WHERE mission_id = $1 ORDER BY id")
+        .bind(mission)
+        .fetch_all(&db.pool)
+        .await
+        .expect("events")
+}
+
+/// An attempt that fails (or would emit its event) after its mission was cancelled ends
+/// the step cancelled: not queued for a retry, not dead-lettered, no event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_ending_after_the_cancel_ends_the_step_cancelled() {
+    let (db, policy) = bare().await;
+    let flaky = support::propose(&db.pool, &policy, "flaky", &[])
+        .await
+        .mission_id
+        .expect("mission");
+    let step = claim_one(&db).await;
+    opsloop::missions::cancel(&db.pool, flaky, "test", "cli")
+        .await
+        .expect("cancel");
+    assert!(report(&db, &step, failure()).await, "the lease still holds");
+    assert_eq!(step_row(&db, step.id).await, ("cancelled".into(), 1));
+    assert_eq!(
+        event_kinds(&db, flaky).await,
+        ["mission.started", "step.started", "mission.cancelled"]
+    );
+
+    // An `emit` step's event is its work: after the cancel it is not written.
+    let announce = support::propose(&db.pool, &policy, "announce", &[("file", "/tmp/x")])
+        .await
+        .mission_id
+        .expect("mission");
+    let work = claim_one(&db).await;
+    let done = Ending::Succeeded {
+        result: serde_json::json!({}),
+    };
+    assert!(report(&db, &work, done).await);
+    let tell = claim_one(&db).await;
+    opsloop::missions::cancel(&db.pool, announce, "test", "cli")
+        .await
+        .expect("cancel");
+    let emitted = Ending::Succeeded {
+        result: serde_json::json!({ "event": "work.done", "payload": { "file": "/tmp/x" } }),
+    };
+    assert!(report(&db, &tell, emitted).await);
+    assert_eq!(step_row(&db, tell.id).await, ("cancelled".into(), 1));
+    let kinds = event_kinds(&db, announce).await;
+    assert!(!kinds.contains(&"work.done".to_string()), "{kinds:?}");
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM ops_step_dead_letters")
+        .fetch_one(&db.pool)
+        .await
+        .expect("dead letters");
+    assert_eq!(dead, 0);
+}
+
+/// A queued step of a mission that is no longer running is never claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_of_a_mission_that_is_not_running_is_not_claimed() {
+    let (db, policy) = bare().await;
+    let mission = support::propose(&db.pool, &policy, "flaky", &[])
+        .await
+        .mission_id
+        .expect("mission");
+    // What a lost race used to leave behind: the mission cancelled, its step queued.
+    sqlx::query("UPDATE ops_missions SET status = 'cancelled', finished_at = now() WHERE id = $1")
+        .bind(mission)
+        .execute(&db.pool)
+        .await
+        .expect("cancel by hand");
+    let claimed = queue::claim(&db.pool, "test-worker", 10, Duration::from_secs(60))
+        .await
+        .expect("claim");
+    assert!(claimed.is_empty(), "{claimed:?}");
+}
+
+/// Run `work` while a cancel of `mission` is in progress: `missions::cancel`'s
+/// statements (mission locked and cancelled, its queued steps cancelled) done but not
+/// committed. The cancel commits once `work` has finished or waits for a lock.
+async fn racing_a_cancel<T: Send + 'static>(
+    db: &TestDb,
+    mission: i64,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let mut cancel = db.pool.begin().await.expect("begin");
+    sqlx::query("SELECT status FROM ops_missions WHERE id = $1 FOR UPDATE")
+        .bind(mission)
+        .execute(&mut *cancel)
+        .await
+        .expect("lock");
+    sqlx::query("UPDATE ops_missions SET status = 'cancelled', finished_at = now() WHERE id = $1")
+        .bind(mission)
+        .execute(&mut *cancel)
+        .await
+        .expect("cancel");
+    sqlx::query(
+        "UPDATE ops_mission_steps SET status = 'cancelled', finished_at = now()
+         WHERE mission_id = $1 AND status IN ('queued', 'waiting')",
+    )
+    .bind(mission)
+    .execute(&mut *cancel)
+    .await
+    .expect("cancel steps");
+    let work = tokio::spawn(work);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("activity");
+        if work.is_finished() || waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the work neither ended nor waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cancel.commit().await.expect("commit the cancel");
+    work.await.expect("work")
+}
+
+/// A failed attempt stored while a cancel of its mission is in progress waits for it,
+/// then ends the step cancelled (no retry queued behind the cancel's back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ending_racing_a_cancel_sees_it() {
+    let (db, policy) = bare().await;
+    let mission = support::propose(&db.pool, &policy, "flaky", &[])
+        .await
+        .mission_id
+        .expect("mission");
+    let step = claim_one(&db).await;
+    let lease = Lease {
+        step_id: step.id,
+        owner: "test-worker".into(),
+        attempt: step.attempts,
+    };
+    let pool = db.pool.clone();
+    let stored = racing_a_cancel(&db, mission, async move {
+        let mut tx = pool.begin().await.expect("begin");
+        let stored = progress::finish(&mut tx, &lease, &failure(), 2)
+            .await
+            .expect("finish");
+        tx.commit().await.expect("commit");
+        stored
+    })
+    .await;
+    assert!(stored);
+    assert_eq!(step_row(&db, step.id).await, ("cancelled".into(), 1));
+    let kinds = event_kinds(&db, mission).await;
+    assert!(!kinds.contains(&"step.retrying".to_string()), "{kinds:?}");
+}
+
+/// Lease recovery racing a cancel: the expired step of the cancelled mission ends
+/// cancelled, it is not queued again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_recovery_racing_a_cancel_sees_it() {
+    let (db, policy) = bare().await;
+    let mission = support::propose(&db.pool, &policy, "flaky", &[])
+        .await
+        .mission_id
+        .expect("mission");
+    let step = claim_one(&db).await;
+    sqlx::query(
+        "UPDATE ops_mission_steps SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(step.id)
+    .execute(&db.pool)
+    .await
+    .expect("expire the lease");
+    let pool = db.pool.clone();
+    racing_a_cancel(&db, mission, async move {
+        heartbeat::tick(&pool, &policy).await.expect("tick")
+    })
+    .await;
+    assert_eq!(step_row(&db, step.id).await, ("cancelled".into(), 1));
+    let kinds = event_kinds(&db, mission).await;
+    assert!(!kinds.contains(&"step.recovered".to_string()), "{kinds:?}");
 }

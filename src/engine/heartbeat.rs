@@ -118,7 +118,9 @@ async fn recover_leases(pool: &PgPool, policy: &Policy) -> OpsResult<(u64, u64)>
          FROM ops_mission_steps s JOIN ops_missions m ON m.id = s.mission_id
          WHERE s.status = 'running' AND s.lease_expires_at < now()
          ORDER BY s.lease_expires_at LIMIT 500
-         FOR UPDATE OF s SKIP LOCKED",
+         -- KEY SHARE of the mission: a cancel in progress is waited for and seen, so a
+         -- cancelled mission's step is never queued again.
+         FOR UPDATE OF s SKIP LOCKED FOR KEY SHARE OF m",
     )
     .fetch_all(&mut *tx)
     .await?;

@@ -1,9 +1,15 @@
 //! `shell` steps: an argv run directly (never through a shell) in a process group of
-//! its own, so a timeout or a cancel kills everything it started.
+//! its own, so a timeout or a cancel kills everything it started. A step gets a clean
+//! environment (a short allowlist of the daemon's, then its own `env` and the
+//! `OPSLOOP_*` of its attempt) and, unless its spec names a `cwd`, a private working
+//! directory of its own that is removed when the attempt ends: never the daemon's
+//! secrets, its `.env` or its working directory.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,8 +22,16 @@ use tokio::time::Instant;
 
 use super::{Outcome, StepContext, Tail, human_duration, millis, param_env_name};
 
-/// Variables of the daemon's own configuration that never reach a step's process.
-pub const SECRET_ENV: [&str; 3] = ["TELEGRAM_BOT_TOKEN", "OPS_KEY", "DATABASE_URL"];
+/// The only variables of the daemon's environment a step inherits (plus every `LC_*`):
+/// what programs need to find each other and speak the locale, nothing that configures
+/// the daemon. Everything else, whether from the daemon's environment or its `.env`
+/// (database passwords, cloud keys, the bot token), stays out.
+pub const INHERITED_ENV: [&str; 8] = [
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+];
+
+/// `PATH` for a step when the daemon has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// After the main process exits, how long its output pipes may stay open (held by
 /// background processes it left in its group) before the group is killed.
@@ -43,6 +57,21 @@ pub(super) async fn run(
             "cannot start {program}: working directory {dir} does not exist"
         ));
     }
+    // Held until the function returns (or its future is dropped): the private
+    // directory is removed after the step's process group is gone.
+    let workdir = match cwd {
+        Some(_) => None,
+        None => match WorkDir::create(ctx) {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                return Outcome::failed(format!(
+                    "cannot start {program}: cannot create its working directory in {}: {}",
+                    std::env::temp_dir().display(),
+                    io_reason(&e)
+                ));
+            }
+        },
+    };
 
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -51,14 +80,13 @@ pub(super) async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    if let Some(dir) = cwd {
+    if let Some(dir) = cwd
+        .map(Path::new)
+        .or(workdir.as_ref().map(|w| w.path.as_path()))
+    {
         cmd.current_dir(dir);
     }
-    // The daemon's secrets are not the step's business.
-    for secret in SECRET_ENV {
-        cmd.env_remove(secret);
-    }
-    cmd.envs(env);
+    cmd.env_clear().envs(inherited_env()).envs(env);
     for (name, value) in &ctx.params {
         cmd.env(param_env_name(name), value);
     }
@@ -96,7 +124,7 @@ pub(super) async fn run(
         TimedOut,
         Cancelled,
     }
-    let (end, exited) = tokio::select! {
+    let (mut end, exited) = tokio::select! {
         biased;
         _ = ctx.cancel.cancelled() => (End::Cancelled, None),
         status = child.wait() => (End::Exited, Some(status)),
@@ -105,8 +133,17 @@ pub(super) async fn run(
     let status = match exited {
         Some(status) => {
             // The leader is gone; leftovers that still hold our pipes get a grace
-            // period, then the group is killed so the step can finish.
-            if !both_done(&mut stdout, &mut stderr, EXIT_GRACE).await {
+            // period, then the group is killed so the step can finish. A cancel
+            // meanwhile kills them at once: the step has not finished.
+            let drained = tokio::select! {
+                biased;
+                _ = ctx.cancel.cancelled() => {
+                    end = End::Cancelled;
+                    false
+                }
+                drained = both_done(&mut stdout, &mut stderr, EXIT_GRACE) => drained,
+            };
+            if !drained {
                 group.kill();
             }
             status
@@ -120,6 +157,9 @@ pub(super) async fn run(
     group.armed = false;
     both_done(&mut stdout, &mut stderr, KILL_GRACE).await;
     let (out, err) = (stdout.finish(), stderr.finish());
+    if let Some(dir) = workdir {
+        dir.remove().await;
+    }
 
     let (exit_code, signal) = match &status {
         Ok(s) => (s.code(), s.signal()),
@@ -173,6 +213,74 @@ fn io_reason(e: &std::io::Error) -> String {
     match text.find(" (os error ") {
         Some(i) => text[..i].to_string(),
         None => text,
+    }
+}
+
+/// The part of the daemon's environment a step inherits (`INHERITED_ENV`, `LC_*`).
+fn inherited_env() -> Vec<(OsString, OsString)> {
+    let mut vars: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(name, _)| {
+            name.to_str()
+                .is_some_and(|name| INHERITED_ENV.contains(&name) || name.starts_with("LC_"))
+        })
+        .collect();
+    if !vars.iter().any(|(name, _)| name == "PATH") {
+        vars.push(("PATH".into(), DEFAULT_PATH.into()));
+    }
+    vars
+}
+
+/// A step's private working directory (mode 0700, in the system's temp dir), removed
+/// with what the step left in it: by `remove` when the attempt ends, else on drop (the
+/// step's future dropped midway).
+struct WorkDir {
+    path: PathBuf,
+}
+
+impl WorkDir {
+    fn create(ctx: &StepContext) -> std::io::Result<WorkDir> {
+        let base = std::env::temp_dir();
+        loop {
+            let path = base.join(format!(
+                "opsloop-step-{}-{}-{:08x}",
+                ctx.step_id,
+                ctx.attempt,
+                rand::random::<u32>()
+            ));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(WorkDir { path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Remove it before the attempt's outcome is reported, off the async threads (a step
+    /// may leave a big tree behind).
+    async fn remove(mut self) {
+        let path = std::mem::take(&mut self.path);
+        let _ = tokio::task::spawn_blocking(move || remove_tree(&path)).await;
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.path.as_os_str().is_empty() {
+            return; // removed already
+        }
+        let path = std::mem::take(&mut self.path);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || remove_tree(&path))),
+            Err(_) => remove_tree(&path),
+        }
+    }
+}
+
+fn remove_tree(path: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %path.display(), error = %e, "cannot remove a step's working directory");
     }
 }
 

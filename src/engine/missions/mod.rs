@@ -124,7 +124,10 @@ pub async fn create(
 }
 
 /// Cancel a running mission: queued and waiting steps are cancelled now; a running
-/// step's worker is told (NOTIFY) to kill its process and records it cancelled.
+/// step's worker is told (NOTIFY) to kill its process and records it cancelled. The
+/// mission row is taken `FOR UPDATE`, so an attempt's ending stored meanwhile (which
+/// takes it `FOR KEY SHARE`) is either seen here as the step's final state or sees the
+/// cancel: no step of a cancelled mission is queued, retried or claimed again.
 pub async fn cancel(pool: &PgPool, mission_id: i64, actor: &str, source: &str) -> OpsResult<()> {
     let mut tx = pool.begin().await?;
     let status: String =

@@ -74,6 +74,7 @@ pub async fn finish_batch(
     items: &[(Lease, Ending)],
     pause_after_failures: u32,
 ) -> OpsResult<Vec<bool>> {
+    let stopped = stopped_missions(conn, items).await?;
     let mut ids = Vec::with_capacity(items.len());
     let mut owners = Vec::with_capacity(items.len());
     let mut attempts = Vec::with_capacity(items.len());
@@ -86,6 +87,13 @@ pub async fn finish_batch(
         owners.push(lease.owner.as_str());
         attempts.push(lease.attempt);
         let (outcome, result, error, retry) = match ending {
+            // The mission was cancelled: this attempt's failure (or event) ends the
+            // step cancelled, never a retry or a dead letter.
+            Ending::Failed { result, .. } | Ending::Succeeded { result }
+                if stopped.contains(&lease.step_id) =>
+            {
+                ("cancelled", result, Some("cancelled"), Duration::ZERO)
+            }
             Ending::Succeeded { result } => ("succeeded", result, None, Duration::ZERO),
             Ending::Cancelled { result } => {
                 ("cancelled", result, Some("cancelled"), Duration::ZERO)
@@ -165,7 +173,7 @@ pub async fn finish_batch(
     telemetry::step_outcome("retrying", failed(false) as u64);
     telemetry::step_outcome("failed", failed(true) as u64);
     // An `emit` step's event belongs to its step, so it comes before `mission.succeeded`.
-    for s in &stored {
+    for s in stored.iter().filter(|s| s.outcome == "succeeded") {
         if let Some((_, Ending::Succeeded { result })) =
             items.iter().find(|(lease, _)| lease.step_id == s.id)
             && let Some((event, payload)) = emitted_event(result)
@@ -181,30 +189,66 @@ pub async fn finish_batch(
     if !succeeded.is_empty() {
         advance(conn, &succeeded).await?;
     }
-    for s in &stored {
-        let Some((_, ending)) = items.iter().find(|(lease, _)| lease.step_id == s.id) else {
-            continue;
-        };
-        match ending {
-            Ending::Failed { error, .. } if s.attempts >= s.max_attempts => {
-                fail_for_good(
-                    conn,
-                    s.id,
-                    s.mission_id,
-                    &s.name,
-                    s.attempts,
-                    error,
-                    pause_after_failures,
-                )
-                .await?;
-            }
-            _ => {}
+    for s in stored
+        .iter()
+        .filter(|s| s.outcome == "failed" && s.attempts >= s.max_attempts)
+    {
+        if let Some((_, Ending::Failed { error, .. })) =
+            items.iter().find(|(lease, _)| lease.step_id == s.id)
+        {
+            fail_for_good(
+                conn,
+                s.id,
+                s.mission_id,
+                &s.name,
+                s.attempts,
+                error,
+                pause_after_failures,
+            )
+            .await?;
         }
     }
     Ok(items
         .iter()
         .map(|(lease, _)| stored.iter().any(|s| s.id == lease.step_id))
         .collect())
+}
+
+/// Of the steps whose ending depends on their mission still running (a failure would
+/// retry or dead-letter, an `emit` would write its event), those whose mission is no
+/// longer running. Their missions are locked `FOR KEY SHARE` until commit: a cancel
+/// (which takes its mission `FOR UPDATE`) either committed before, and is seen here, or
+/// waits for this transaction and then finds the step's final state. Plain successes
+/// and cancels (the hot path) need no lock and skip this statement.
+async fn stopped_missions(
+    conn: &mut PgConnection,
+    items: &[(Lease, Ending)],
+) -> OpsResult<Vec<i64>> {
+    let checked: Vec<i64> = items
+        .iter()
+        .filter(|(_, ending)| match ending {
+            Ending::Failed { .. } => true,
+            Ending::Succeeded { result } => emitted_event(result).is_some(),
+            Ending::Cancelled { .. } => false,
+        })
+        .map(|(lease, _)| lease.step_id)
+        .collect();
+    if checked.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(sqlx::query_scalar(
+        "WITH locked AS MATERIALIZED (
+            SELECT m.id, m.status FROM ops_missions m
+            WHERE m.id = ANY(ARRAY(SELECT s.mission_id FROM ops_mission_steps s WHERE s.id = ANY($1)))
+            FOR KEY SHARE
+         )
+         SELECT s.id FROM ops_mission_steps s
+         WHERE s.id = ANY($1)
+           AND s.mission_id = ANY(ARRAY(SELECT id FROM locked WHERE status <> 'running'))",
+    )
+    .bind(&checked)
+    .fetch_all(&mut *conn)
+    .await?)
 }
 
 /// After steps succeeded: queue each mission's next step, or finalize the mission when

@@ -1,7 +1,8 @@
 //! The leased step worker: claim ready steps in batches, run each under a lease that a
 //! single renewal loop extends, and hand endings to a completer that stores them in
 //! batches, each only while its lease holds (see `missions::progress`). Wakes on NOTIFY,
-//! polls as a fallback.
+//! polls as a fallback. A worker that has gone one lease without renewing (the database
+//! out of reach) kills its steps: by then the heartbeat may have given them to another.
 
 pub mod queue;
 
@@ -45,6 +46,9 @@ const PREFETCH: usize = 16;
 const STOP_NONE: u8 = 0;
 const STOP_CANCELLED: u8 = 1;
 const STOP_SHUTDOWN: u8 = 2;
+/// The lease was lost or could not be renewed in time: the step is no longer ours, and
+/// its cancelled ending is not stored (the heartbeat recovers the step).
+const STOP_LEASE_LOST: u8 = 3;
 
 struct Running {
     mission_id: i64,
@@ -116,14 +120,18 @@ impl Worker {
 
         let mut running: HashMap<i64, Running> = HashMap::new();
         let mut tasks: JoinSet<Done> = JoinSet::new();
-        let mut renew = tokio::time::interval(Duration::from_secs(1));
         let mut last_renewal = Instant::now();
+        // When the leases of the running steps were last extended (the renewal's send
+        // time, never later than the database's `now()`): they hold until one lease on.
+        let mut renewed_at = Instant::now();
         let mut want_claim = true;
         let mut last_claim = Instant::now();
         // When to look at the queue even without a NOTIFY: the fallback poll, or sooner
         // when a retry this worker scheduled becomes due.
         let mut next_poll = Instant::now() + POLL;
         let mut next_retry: Option<Instant> = None;
+        // After the listener failed, when to try it again (polling meanwhile).
+        let mut listen_again: Option<Instant> = None;
         let mut pace = Pace {
             average: Duration::ZERO,
             samples: 0,
@@ -147,21 +155,33 @@ impl Worker {
             } else if want_claim && free > 0 {
                 last_claim = Instant::now();
                 next_poll = last_claim + POLL;
+                let idle = running.is_empty();
                 match queue::claim(&self.pool, &self.id, free as i64, lease).await {
                     Ok(claimed) => {
                         telemetry::steps_claimed(claimed.len());
+                        if idle {
+                            renewed_at = last_claim;
+                        }
                         // A full batch means more may be waiting: claim again when a slot frees.
                         want_claim = claimed.len() == free;
                         for step in claimed {
                             self.spawn(step, &policy, &mut running, &mut tasks);
                         }
                     }
+                    // Retry at the next poll; never sleep here, the loop renews leases.
                     Err(e) => {
                         warn!(error = %e, "claiming steps failed; retrying");
-                        tokio::time::sleep(POLL).await;
+                        want_claim = false;
                     }
                 }
                 wake = next_retry.map_or(next_poll, |r| r.min(next_poll));
+            }
+            if let Some(at) = listen_again {
+                if at <= Instant::now() {
+                    listen_again = None;
+                } else {
+                    wake = wake.min(at);
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => {}
@@ -181,7 +201,7 @@ impl Worker {
                     }
                     want_claim = true;
                 }
-                note = listener.try_recv() => match note {
+                note = listener.try_recv(), if listen_again.is_none() => match note {
                     Ok(Some(n)) if n.channel() == channels::CANCEL => {
                         if let Ok(mission) = n.payload().parse::<i64>() {
                             cancel_mission(&running, mission);
@@ -192,7 +212,7 @@ impl Worker {
                     Ok(None) => want_claim = true,
                     Err(e) => {
                         warn!(error = %e, "listening for notifications failed; polling meanwhile");
-                        tokio::time::sleep(POLL).await;
+                        listen_again = Some(Instant::now() + POLL);
                     }
                 },
                 _ = tokio::time::sleep_until(wake) => {
@@ -201,11 +221,15 @@ impl Worker {
                     }
                     want_claim = true;
                 }
-                _ = renew.tick() => {
-                    // Renew at a third of the lease so one missed round is harmless.
-                    if last_renewal.elapsed() >= (lease / 3).min(Duration::from_secs(10)) {
-                        last_renewal = Instant::now();
-                        self.renew(&running, lease).await;
+                _ = tokio::time::sleep_until(renewed_at + lease), if !running.is_empty() => {
+                    abandon(&running);
+                    renewed_at = Instant::now();
+                }
+                _ = tokio::time::sleep_until(last_renewal + renewal_period(lease)) => {
+                    last_renewal = Instant::now();
+                    let until = (renewed_at + lease).min(last_renewal + renewal_period(lease));
+                    if self.renew(&running, lease, until).await {
+                        renewed_at = last_renewal;
                     }
                 }
             }
@@ -214,6 +238,7 @@ impl Worker {
         info!(worker = %self.id, running = running.len(), "worker stopping; letting running steps finish");
         let deadline = tokio::time::sleep(grace);
         tokio::pin!(deadline);
+        let lease = self.policy.get().await.worker.lease;
         while !running.is_empty() {
             tokio::select! {
                 Some(done) = tasks.join_next() => {
@@ -222,12 +247,21 @@ impl Worker {
                     }
                 }
                 _ = &mut deadline => break,
-                _ = renew.tick() => self.renew(&running, self.policy.get().await.worker.lease).await,
+                _ = tokio::time::sleep_until(renewed_at + lease) => {
+                    abandon(&running);
+                    renewed_at = Instant::now();
+                }
+                _ = tokio::time::sleep_until(last_renewal + renewal_period(lease)) => {
+                    last_renewal = Instant::now();
+                    let until = (renewed_at + lease).min(last_renewal + renewal_period(lease));
+                    if self.renew(&running, lease, until).await {
+                        renewed_at = last_renewal;
+                    }
+                }
             }
         }
         for step in running.values() {
-            step.stop.store(STOP_SHUTDOWN, Ordering::SeqCst);
-            step.cancel.cancel();
+            stop(step, STOP_SHUTDOWN);
         }
         while let Some(done) = tasks.join_next().await {
             if let Ok(done) = done {
@@ -290,17 +324,30 @@ impl Worker {
             owner: self.id.clone(),
             attempt: step.attempt,
         };
-        if step.stop.load(Ordering::SeqCst) == STOP_SHUTDOWN {
-            match queue::release(&self.pool, &self.id, done.step_id, step.attempt).await {
-                Ok(_) => info!(
-                    step_id = done.step_id,
-                    "released at shutdown; another worker will run it"
-                ),
-                Err(e) => {
-                    warn!(error = %e, "release failed; the lease will expire and the heartbeat recovers it")
+        match step.stop.load(Ordering::SeqCst) {
+            STOP_SHUTDOWN => {
+                match queue::release(&self.pool, &self.id, done.step_id, step.attempt).await {
+                    Ok(_) => info!(
+                        step_id = done.step_id,
+                        "released at shutdown; another worker will run it"
+                    ),
+                    Err(e) => {
+                        warn!(error = %e, "release failed; the lease will expire and the heartbeat recovers it")
+                    }
                 }
+                return;
             }
-            return;
+            // Killed because the lease is gone: the step was not cancelled. An ending
+            // that came first (success, failure) is still offered, fenced by the lease.
+            STOP_LEASE_LOST if matches!(done.ending, Ending::Cancelled { .. }) => {
+                warn!(
+                    step_id = done.step_id,
+                    attempt = step.attempt,
+                    "step killed: its lease was lost; the heartbeat gives it to another worker once the lease expires"
+                );
+                return;
+            }
+            _ => {}
         }
         if endings.send((lease, done.ending)).is_err() {
             warn!(
@@ -310,39 +357,80 @@ impl Worker {
         }
     }
 
-    async fn renew(&self, running: &HashMap<i64, Running>, lease: Duration) {
-        if running.is_empty() {
-            let _ = queue::seen(&self.pool, &self.id, false).await;
-            return;
-        }
-        let held: Vec<(i64, i32)> = running.iter().map(|(id, r)| (*id, r.attempt)).collect();
-        match queue::renew(&self.pool, &self.id, &held, lease).await {
-            Ok(still) => {
-                let still: HashMap<i64, bool> = still.into_iter().collect();
-                for (id, step) in running {
-                    match still.get(id) {
-                        None => {
-                            warn!(step_id = id, "lease lost; stopping the step");
-                            step.cancel.cancel();
-                        }
-                        Some(true) => {
-                            step.stop.store(STOP_CANCELLED, Ordering::SeqCst);
-                            step.cancel.cancel();
-                        }
-                        Some(false) => {}
-                    }
-                }
+    /// Extend the leases of the running steps, giving up at `until`; true when the
+    /// database answered. Steps it no longer holds are stopped, and so are steps whose
+    /// mission was cancelled.
+    async fn renew(
+        &self,
+        running: &HashMap<i64, Running>,
+        lease: Duration,
+        until: Instant,
+    ) -> bool {
+        let renewal = async {
+            if running.is_empty() {
                 let _ = queue::seen(&self.pool, &self.id, false).await;
+                return Ok(());
             }
-            Err(e) => warn!(error = %e, "renewing leases failed; will retry"),
+            let held: Vec<(i64, i32)> = running.iter().map(|(id, r)| (*id, r.attempt)).collect();
+            let still = queue::renew(&self.pool, &self.id, &held, lease).await?;
+            let still: HashMap<i64, bool> = still.into_iter().collect();
+            for (id, step) in running {
+                match still.get(id) {
+                    None => {
+                        if step.stop.load(Ordering::SeqCst) == STOP_NONE {
+                            warn!(step_id = id, "lease lost; stopping the step");
+                        }
+                        stop(step, STOP_LEASE_LOST);
+                    }
+                    Some(true) => stop(step, STOP_CANCELLED),
+                    Some(false) => {}
+                }
+            }
+            let _ = queue::seen(&self.pool, &self.id, false).await;
+            Ok::<(), crate::error::OpsError>(())
+        };
+        match tokio::time::timeout_at(until, renewal).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                warn!(error = %e, "renewing leases failed; will retry");
+                false
+            }
+            Err(_) => {
+                warn!("renewing leases timed out; will retry");
+                false
+            }
         }
+    }
+}
+
+/// How often leases are renewed: a third of the lease, so one missed round is harmless.
+fn renewal_period(lease: Duration) -> Duration {
+    (lease / 3).min(Duration::from_secs(10))
+}
+
+/// Mark a running step stopped for `why` (the first reason wins) and kill it.
+fn stop(step: &Running, why: u8) {
+    let _ = step
+        .stop
+        .compare_exchange(STOP_NONE, why, Ordering::SeqCst, Ordering::SeqCst);
+    step.cancel.cancel();
+}
+
+/// A whole lease has gone by without a renewal: the heartbeat may already have given
+/// these steps to another worker, so they must not run on here.
+fn abandon(running: &HashMap<i64, Running>) {
+    warn!(
+        steps = running.len(),
+        "leases not renewed for a whole lease; killing this worker's steps"
+    );
+    for step in running.values() {
+        stop(step, STOP_LEASE_LOST);
     }
 }
 
 fn cancel_mission(running: &HashMap<i64, Running>, mission_id: i64) {
     for step in running.values().filter(|r| r.mission_id == mission_id) {
-        step.stop.store(STOP_CANCELLED, Ordering::SeqCst);
-        step.cancel.cancel();
+        stop(step, STOP_CANCELLED);
     }
 }
 

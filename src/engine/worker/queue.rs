@@ -20,7 +20,8 @@ pub struct Claimed {
 }
 
 /// Claim up to `limit` ready steps (oldest first) unless paused, starting a new
-/// attempt of each and writing their `step.started` events, in one statement.
+/// attempt of each and writing their `step.started` events, in one statement. A step
+/// whose mission is no longer running (cancelled, failed) is never claimed.
 pub async fn claim(
     pool: &PgPool,
     owner: &str,
@@ -31,6 +32,7 @@ pub async fn claim(
         "WITH ready AS (
             SELECT id FROM ops_mission_steps
             WHERE status = 'queued' AND run_after <= now()
+              AND (SELECT m.status FROM ops_missions m WHERE m.id = ops_mission_steps.mission_id) = 'running'
               AND NOT coalesce((SELECT (value->>'paused')::boolean FROM ops_policy WHERE key = 'paused'), false)
             ORDER BY run_after, id
             LIMIT $2
