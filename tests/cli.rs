@@ -272,3 +272,173 @@ propose = "ghost"
     // `policy apply` refuses it too, and stores nothing.
     assert!(err.contains("problem"));
 }
+
+/// Names as people type them: one person whatever the case, width or spaces.
+#[tokio::test(flavor = "multi_thread")]
+async fn dual_control_is_not_fooled_by_how_a_name_is_spelled() {
+    let db = test_db().await;
+    apply_policy(&db).await;
+    let out = opsloop(
+        &db.url,
+        &["propose", "wipe", "target=cache", "--as", "alice", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let proposed: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(proposed["status"], "pending");
+    let id = proposed["id"].to_string();
+    for me in [
+        "Alice",
+        " ALICE",
+        "alice\u{a0}",
+        "\u{ff41}\u{ff4c}\u{ff49}\u{ff43}\u{ff45}",
+    ] {
+        refused(&db, &["approve", &id, "--as", me], 3, "proposed by you").await;
+    }
+    for (me, says) in [
+        (
+            "",
+            "--as NAME must be 1 to 64 printable characters (it is empty)",
+        ),
+        ("   ", "(it is empty)"),
+        ("bo\u{7}b", "U+0007 is a control character"),
+        ("b\u{200b}ob", "U+200B is an invisible formatting character"),
+    ] {
+        refused(&db, &["approve", &id, "--as", me], 2, says).await;
+    }
+    let out = opsloop(&db.url, &["approve", &id, "--as", "Bob"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("1/2 approvals"), "{}", stdout(&out));
+    let out = opsloop(&db.url, &["approve", &id, "--as", "BOB "]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("you already approved"),
+        "{}",
+        stdout(&out)
+    );
+    let out = opsloop(&db.url, &["approve", &id, "--as", "carol"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("approved: mission"),
+        "{}",
+        stdout(&out)
+    );
+    let actors: Vec<String> = sqlx::query_scalar(
+        "SELECT actor FROM ops_proposal_approvals WHERE proposal_id = $1 ORDER BY id",
+    )
+    .bind(proposed["id"].as_i64().expect("id"))
+    .fetch_all(&db.pool)
+    .await
+    .expect("approvals");
+    assert_eq!(actors, ["bob", "carol"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_approval_over_a_cap_is_refused_with_exit_3_and_the_proposal_waits() {
+    let db = test_db().await;
+    let source = format!(
+        "{}{}",
+        support::POLICY,
+        r#"
+[gates.templates.one_at_a_time]
+max_running = 1
+
+[templates.one_at_a_time]
+risk = "high"
+params.n = { pattern = '^\d+$', help = "a number" }
+steps = [ { name = "s", kind = "noop" } ]
+"#
+    );
+    opsloop::policy::store::apply(&db.pool, &source, "test")
+        .await
+        .expect("apply");
+    for n in ["1", "2"] {
+        let out = opsloop(&db.url, &["propose", "one_at_a_time", &format!("n={n}")]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(stdout(&out).contains("pending"), "{}", stdout(&out));
+    }
+    let out = opsloop(&db.url, &["approve", "1", "--as", "bob"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    refused(
+        &db,
+        &["approve", "2", "--as", "bob"],
+        3,
+        "proposal #2 stays pending: 1 missions of one_at_a_time are running (max_running = 1)",
+    )
+    .await;
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM ops_mission_proposals WHERE id = 2")
+            .fetch_one(&db.pool)
+            .await
+            .expect("status");
+    assert_eq!(status, "pending");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nul_characters_in_json_or_policy_strings_are_bad_input() {
+    let db = test_db().await;
+    apply_policy(&db).await;
+    refused(
+        &db,
+        &["emit", "ok.kind", "--payload", r#"{"note":"a\u0000b"}"#],
+        2,
+        r"payload.note contains \u0000 (a NUL character), which cannot be stored",
+    )
+    .await;
+    refused(
+        &db,
+        &[
+            "emit",
+            "ok.kind",
+            "--payload",
+            r#"{"deep":[{"k\u0000":1}]}"#,
+        ],
+        2,
+        r"the key payload.deep[0]",
+    )
+    .await;
+    let file = write_temp(
+        "nul-policy.toml",
+        &support::POLICY.replace(
+            "description = \"Say hello\"",
+            "description = \"Say \\u0000hello\"",
+        ),
+    );
+    // And in a key of a step's JSON, which would be stored when the step runs.
+    let key_file = write_temp(
+        "nul-key-policy.toml",
+        &format!(
+            "{}{}",
+            support::POLICY,
+            r#"
+[templates.tell]
+risk = "low"
+steps = [ { name = "t", kind = "emit", event = "told", payload = { "k\u0000" = "v" } } ]
+"#
+        ),
+    );
+    for (file, at) in [
+        (&file, "templates.hello.description"),
+        (&key_file, "templates.tell.steps[0].payload"),
+    ] {
+        for command in ["check", "apply"] {
+            let out = opsloop(&db.url, &["policy", command, path_str(file)]);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "policy {command}: {err}");
+            assert!(
+                err.contains(at) && err.contains(r"\u0000 (a NUL character)"),
+                "policy {command}: {err}"
+            );
+            assert!(
+                !err.contains('\0'),
+                "the message itself holds no NUL: {err:?}"
+            );
+        }
+    }
+    let version: i64 = sqlx::query_scalar(
+        "SELECT (value->>'version')::bigint FROM ops_policy WHERE key = 'policy'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("version");
+    assert_eq!(version, 1, "the bad policy was not stored");
+}

@@ -866,3 +866,88 @@ async fn the_daemon_serves_http_and_refuses_a_taken_address() {
     }
     assert!(!log.contains(KEY), "the key is in the log");
 }
+
+/// PostgreSQL stores no U+0000 in text or jsonb: JSON carrying one is bad input (422
+/// naming where it is), never a 500, and nothing is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn nul_characters_in_json_get_422_and_store_nothing() {
+    let db = test_db().await;
+    let source = format!(
+        "{}{}",
+        support::POLICY,
+        r#"
+[templates.note]
+risk = "low"
+params.text = { pattern = '^.*$', help = "any text" }
+steps = [ { name = "s", kind = "noop" } ]
+"#
+    );
+    opsloop::policy::store::apply(&db.pool, &source, "test")
+        .await
+        .expect("apply");
+    let app = App::on(db, Some(KEY)).await;
+    let events_before: i64 = sqlx::query_scalar("SELECT count(*) FROM ops_agent_events")
+        .fetch_one(&app.db.pool)
+        .await
+        .expect("count");
+    let cases: [(&str, &[u8], &str); 6] = [
+        (
+            "/api/events",
+            br#"{"kind":"a.b","payload":{"x":"a\u0000b"}}"#,
+            r"payload.x contains \u0000 (a NUL character), which cannot be stored",
+        ),
+        (
+            "/api/events",
+            br#"{"kind":"a.b","payload":{"list":[1,{"deep":"\u0000"}]}}"#,
+            r"payload.list[1].deep contains \u0000",
+        ),
+        (
+            "/api/events",
+            br#"{"kind":"a.b","payload":{"k\u0000":true}}"#,
+            r"the key payload.",
+        ),
+        (
+            "/api/proposals",
+            br#"{"template":"note","params":{"text":"a\u0000"},"proposed_by":"agent:x"}"#,
+            r"params.text contains \u0000",
+        ),
+        (
+            "/api/proposals",
+            br#"{"template":"note","params":{"text":"ok"},"proposed_by":"agent:\u0000"}"#,
+            r"proposed_by contains \u0000",
+        ),
+        (
+            "/api/proposals",
+            br#"{"template":"no\u0000te","params":{},"proposed_by":"agent:x"}"#,
+            r"template contains \u0000",
+        ),
+    ];
+    for (path, body, says) in cases {
+        let (status, answer) = app.post_raw(path, Some("application/json"), body).await;
+        let text = String::from_utf8_lossy(body);
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{text}: {answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(says),
+            "{text}: {error:?} should say {says:?}"
+        );
+    }
+    // The same body without the NUL is fine: the check is about U+0000 only.
+    let (status, answer) = app
+        .post(
+            "/api/events",
+            json!({"kind": "a.b", "payload": {"x": "a\\u0000b"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM ops_agent_events")
+        .fetch_one(&app.db.pool)
+        .await
+        .expect("count");
+    assert_eq!(events, events_before + 1, "only the last event was stored");
+    let proposals: i64 = sqlx::query_scalar("SELECT count(*) FROM ops_mission_proposals")
+        .fetch_one(&app.db.pool)
+        .await
+        .expect("count");
+    assert_eq!(proposals, 0);
+}

@@ -80,9 +80,17 @@ async fn high_risk_waits_for_one_approval() {
     assert_eq!(p.mission_id, None);
     assert_eq!(count(&db, "SELECT count(*) FROM ops_missions").await, 0);
 
-    let d = approvals::decide(&db.pool, p.id, "cli:bob", Decision::Approve, None, "cli")
-        .await
-        .expect("approve");
+    let d = approvals::decide(
+        &db.pool,
+        &policy(),
+        p.id,
+        "cli:bob",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await
+    .expect("approve");
     assert_eq!(d.status, ProposalStatus::Approved);
     let mission = d.mission_id.expect("mission");
     let statuses: Vec<String> = sqlx::query_scalar(
@@ -112,15 +120,32 @@ async fn red_needs_two_distinct_approvers_and_refuses_the_proposer() {
     assert_eq!(p.status, ProposalStatus::Pending);
     assert_eq!(p.approvals_needed, 2);
 
-    let own = approvals::decide(&db.pool, p.id, "cli:ann", Decision::Approve, None, "cli").await;
+    let own = approvals::decide(
+        &db.pool,
+        &policy(),
+        p.id,
+        "cli:ann",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await;
     assert!(
         matches!(own, Err(OpsError::Refused(ref m)) if m.contains("proposed by you")),
         "{own:?}"
     );
 
-    let first = approvals::decide(&db.pool, p.id, "cli:bob", Decision::Approve, None, "cli")
-        .await
-        .expect("bob");
+    let first = approvals::decide(
+        &db.pool,
+        &policy(),
+        p.id,
+        "cli:bob",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await
+    .expect("bob");
     assert_eq!(
         (first.status, first.approvals),
         (ProposalStatus::Pending, 1)
@@ -128,18 +153,34 @@ async fn red_needs_two_distinct_approvers_and_refuses_the_proposer() {
     assert_eq!(first.mission_id, None);
 
     // The same person again: counted once.
-    let again = approvals::decide(&db.pool, p.id, "cli:bob", Decision::Approve, None, "cli")
-        .await
-        .expect("bob again");
+    let again = approvals::decide(
+        &db.pool,
+        &policy(),
+        p.id,
+        "cli:bob",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await
+    .expect("bob again");
     assert_eq!(
         (again.status, again.approvals, again.counted),
         (ProposalStatus::Pending, 1, false)
     );
     assert_eq!(count(&db, "SELECT count(*) FROM ops_missions").await, 0);
 
-    let second = approvals::decide(&db.pool, p.id, "cli:carol", Decision::Approve, None, "cli")
-        .await
-        .expect("carol");
+    let second = approvals::decide(
+        &db.pool,
+        &policy(),
+        p.id,
+        "cli:carol",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await
+    .expect("carol");
     assert_eq!(
         (second.status, second.approvals),
         (ProposalStatus::Approved, 2)
@@ -166,6 +207,7 @@ async fn reject_decides_and_later_decisions_are_refused_with_who_decided() {
     .expect("propose");
     let r = approvals::decide(
         &db.pool,
+        &policy(),
         p.id,
         "cli:bob",
         Decision::Reject,
@@ -176,7 +218,16 @@ async fn reject_decides_and_later_decisions_are_refused_with_who_decided() {
     .expect("reject");
     assert_eq!(r.status, ProposalStatus::Rejected);
     assert_eq!(count(&db, "SELECT count(*) FROM ops_missions").await, 0);
-    let late = approvals::decide(&db.pool, p.id, "cli:carol", Decision::Approve, None, "cli").await;
+    let late = approvals::decide(
+        &db.pool,
+        &policy(),
+        p.id,
+        "cli:carol",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await;
     match late {
         Err(OpsError::Refused(m)) => assert!(
             m.contains("already rejected") && m.contains("cli:bob"),
@@ -207,7 +258,16 @@ async fn expired_proposals_cannot_be_approved() {
     .execute(&db.pool)
     .await
     .expect("age it");
-    let late = approvals::decide(&db.pool, p.id, "cli:bob", Decision::Approve, None, "cli").await;
+    let late = approvals::decide(
+        &db.pool,
+        &policy(),
+        p.id,
+        "cli:bob",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await;
     assert!(
         matches!(late, Err(OpsError::Refused(ref m)) if m.contains("expired")),
         "{late:?}"
@@ -284,6 +344,7 @@ async fn dedupe_refuses_with_the_existing_id_while_pending_or_running() {
     // Once approved, its running mission still blocks duplicates.
     approvals::decide(
         &db.pool,
+        &policy(),
         first.id,
         "cli:bob",
         Decision::Approve,
@@ -436,14 +497,22 @@ async fn concurrent_last_approvals_create_exactly_one_mission() {
         )
         .await
         .expect("propose");
-        approvals::decide(&db.pool, p.id, "cli:first", Decision::Approve, None, "cli")
-            .await
-            .expect("first");
+        approvals::decide(
+            &db.pool,
+            &policy(),
+            p.id,
+            "cli:first",
+            Decision::Approve,
+            None,
+            "cli",
+        )
+        .await
+        .expect("first");
         // The last needed approver taps on two devices, and a third person at the same moment.
         let taps = ["cli:second", "cli:second", "cli:third"].map(|who| {
             let pool = db.pool.clone();
             tokio::spawn(async move {
-                approvals::decide(&pool, p.id, who, Decision::Approve, None, "cli").await
+                approvals::decide(&pool, &policy(), p.id, who, Decision::Approve, None, "cli").await
             })
         });
         let mut approved = 0;
@@ -551,12 +620,28 @@ async fn every_state_change_has_its_event() {
     )
     .await
     .expect("rej");
-    approvals::decide(&db.pool, high.id, "cli:bob", Decision::Approve, None, "cli")
-        .await
-        .expect("approve");
-    approvals::decide(&db.pool, rej.id, "cli:bob", Decision::Reject, None, "cli")
-        .await
-        .expect("reject");
+    approvals::decide(
+        &db.pool,
+        &policy(),
+        high.id,
+        "cli:bob",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await
+    .expect("approve");
+    approvals::decide(
+        &db.pool,
+        &policy(),
+        rej.id,
+        "cli:bob",
+        Decision::Reject,
+        None,
+        "cli",
+    )
+    .await
+    .expect("reject");
     opsloop::missions::cancel(&db.pool, low.mission_id.expect("m"), "cli:ann", "cli")
         .await
         .expect("cancel");
@@ -582,4 +667,495 @@ async fn every_state_change_has_its_event() {
             .await
             .expect("steps");
     assert!(cancelled.iter().all(|s| s == "cancelled"), "{cancelled:?}");
+}
+
+/// The test policy with high-risk templates behind each gate about missions, and a
+/// template whose param takes any text.
+fn gated_policy() -> opsloop::policy::Policy {
+    let source = format!(
+        "{}{}",
+        support::POLICY.replace("max_pending = 5", "max_pending = 50"),
+        r#"
+[gates.templates.one_at_a_time]
+max_running = 1
+
+[gates.templates.once_a_day]
+daily_cap = 1
+
+[gates.templates.hourly]
+cooldown = "1h"
+
+[templates.one_at_a_time]
+risk = "high"
+params.n = { pattern = '^\d+$', help = "a number" }
+steps = [ { name = "s", kind = "noop" } ]
+
+[templates.once_a_day]
+risk = "high"
+params.n = { pattern = '^\d+$', help = "a number" }
+steps = [ { name = "s", kind = "noop" } ]
+
+[templates.hourly]
+risk = "high"
+params.n = { pattern = '^\d+$', help = "a number" }
+steps = [ { name = "s", kind = "noop" } ]
+
+[templates.note]
+risk = "low"
+params.text = { pattern = '^.*$', help = "any text" }
+steps = [ { name = "s", kind = "noop" } ]
+"#
+    );
+    match opsloop::policy::parse(&source) {
+        Ok(p) => p,
+        Err(problems) => panic!("gated policy: {problems:?}"),
+    }
+}
+
+async fn status_of(db: &TestDb, proposal: i64) -> String {
+    sqlx::query_scalar("SELECT status FROM ops_mission_proposals WHERE id = $1")
+        .bind(proposal)
+        .fetch_one(&db.pool)
+        .await
+        .expect("status")
+}
+
+async fn approvals_of(db: &TestDb, proposal: i64) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT actor FROM ops_proposal_approvals WHERE proposal_id = $1 ORDER BY id",
+    )
+    .bind(proposal)
+    .fetch_all(&db.pool)
+    .await
+    .expect("approvals")
+}
+
+/// A refused approval: the gate's reason, and the proposal still pending, unapproved.
+async fn assert_approval_gated(db: &TestDb, pol: &opsloop::policy::Policy, id: i64, says: &str) {
+    let before = count(db, "SELECT count(*) FROM ops_agent_events").await;
+    let d = approvals::decide(&db.pool, pol, id, "cli:bob", Decision::Approve, None, "cli").await;
+    match d {
+        Err(OpsError::Refused(m)) => {
+            assert!(m.contains(says), "{m}");
+            assert!(m.contains(&format!("proposal #{id} stays pending")), "{m}");
+        }
+        other => panic!("approval of #{id} should be refused by {says:?}: {other:?}"),
+    }
+    assert_eq!(status_of(db, id).await, "pending");
+    assert!(
+        approvals_of(db, id).await.is_empty(),
+        "the approval is not recorded"
+    );
+    assert_eq!(
+        count(db, "SELECT count(*) FROM ops_agent_events").await,
+        before,
+        "a refused approval writes no event"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_approvals_never_run_more_than_max_running() {
+    let db = test_db().await;
+    let pol = std::sync::Arc::new(gated_policy());
+    for round in 0..3 {
+        let mut ids = Vec::new();
+        for i in 0..8 {
+            let n = format!("{round}{i}");
+            let p = proposals::propose(
+                &db.pool,
+                &pol,
+                request("one_at_a_time", &[("n", &n)], "cli:ann"),
+            )
+            .await
+            .expect("propose");
+            // Gates at proposal time count missions, and none runs yet.
+            assert_eq!(p.status, ProposalStatus::Pending, "round {round}");
+            ids.push(p.id);
+        }
+        let taps: Vec<_> = ids
+            .iter()
+            .map(|&id| {
+                let (pool, pol) = (db.pool.clone(), pol.clone());
+                tokio::spawn(async move {
+                    approvals::decide(&pool, &pol, id, "cli:bob", Decision::Approve, None, "cli")
+                        .await
+                })
+            })
+            .collect();
+        let (mut approved, mut refused) = (0, 0);
+        for tap in taps {
+            match tap.await.expect("join") {
+                Ok(d) if d.mission_id.is_some() => approved += 1,
+                Err(OpsError::Refused(m)) if m.contains("max_running = 1") => refused += 1,
+                other => panic!("round {round}: {other:?}"),
+            }
+        }
+        assert_eq!((approved, refused), (1, 7), "round {round}");
+        assert_eq!(
+            count(
+                &db,
+                "SELECT count(*) FROM ops_missions WHERE template = 'one_at_a_time' AND status = 'running'"
+            )
+            .await,
+            1,
+            "round {round}: exactly one mission runs"
+        );
+        let waiting: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM ops_mission_proposals WHERE id = ANY($1) AND status = 'pending' ORDER BY id",
+        )
+        .bind(&ids)
+        .fetch_all(&db.pool)
+        .await
+        .expect("pending");
+        assert_eq!(waiting.len(), 7, "round {round}: the refused stay pending");
+        // Once the mission is over, a refused proposal can be approved after all.
+        sqlx::query(
+            "UPDATE ops_missions SET status = 'succeeded' WHERE template = 'one_at_a_time'",
+        )
+        .execute(&db.pool)
+        .await
+        .expect("finish");
+        let later = approvals::decide(
+            &db.pool,
+            &pol,
+            waiting[0],
+            "cli:bob",
+            Decision::Approve,
+            None,
+            "cli",
+        )
+        .await
+        .expect("approved later");
+        assert!(later.mission_id.is_some());
+        sqlx::query(
+            "UPDATE ops_missions SET status = 'succeeded' WHERE template = 'one_at_a_time'",
+        )
+        .execute(&db.pool)
+        .await
+        .expect("finish");
+        for &id in &waiting[1..] {
+            approvals::decide(&db.pool, &pol, id, "cli:bob", Decision::Reject, None, "cli")
+                .await
+                .expect("reject the rest");
+        }
+    }
+}
+
+#[tokio::test]
+async fn daily_cap_is_checked_again_at_approval() {
+    let db = test_db().await;
+    let pol = gated_policy();
+    let first = proposals::propose(
+        &db.pool,
+        &pol,
+        request("once_a_day", &[("n", "1")], "cli:ann"),
+    )
+    .await
+    .expect("first");
+    let second = proposals::propose(
+        &db.pool,
+        &pol,
+        request("once_a_day", &[("n", "2")], "cli:ann"),
+    )
+    .await
+    .expect("second");
+    assert_eq!(second.status, ProposalStatus::Pending);
+    approvals::decide(
+        &db.pool,
+        &pol,
+        first.id,
+        "cli:bob",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await
+    .expect("first approved");
+    assert_approval_gated(&db, &pol, second.id, "daily_cap = 1").await;
+    // The next UTC day (the mission moved to yesterday) the same proposal is approved.
+    sqlx::query("UPDATE ops_missions SET created_at = created_at - interval '1 day'")
+        .execute(&db.pool)
+        .await
+        .expect("yesterday");
+    let d = approvals::decide(
+        &db.pool,
+        &pol,
+        second.id,
+        "cli:bob",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await
+    .expect("approved the next day");
+    assert!(d.mission_id.is_some());
+}
+
+#[tokio::test]
+async fn cooldown_is_checked_again_at_approval() {
+    let db = test_db().await;
+    let pol = gated_policy();
+    let first = proposals::propose(&db.pool, &pol, request("hourly", &[("n", "1")], "cli:ann"))
+        .await
+        .expect("first");
+    let second = proposals::propose(&db.pool, &pol, request("hourly", &[("n", "2")], "cli:ann"))
+        .await
+        .expect("second");
+    assert_eq!(second.status, ProposalStatus::Pending);
+    approvals::decide(
+        &db.pool,
+        &pol,
+        first.id,
+        "cli:bob",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await
+    .expect("first approved");
+    assert_approval_gated(&db, &pol, second.id, "next one allowed in").await;
+    sqlx::query("UPDATE ops_missions SET created_at = created_at - interval '2 hours'")
+        .execute(&db.pool)
+        .await
+        .expect("an hour later");
+    let d = approvals::decide(
+        &db.pool,
+        &pol,
+        second.id,
+        "cli:bob",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await
+    .expect("approved after the cooldown");
+    assert!(d.mission_id.is_some());
+}
+
+#[tokio::test]
+async fn a_template_paused_after_its_proposal_is_refused_at_approval() {
+    let db = test_db().await;
+    let pol = gated_policy();
+    let p = proposals::propose(
+        &db.pool,
+        &pol,
+        request("deploy", &[("tag", "v1.0.0")], "cli:ann"),
+    )
+    .await
+    .expect("propose");
+    assert_eq!(p.status, ProposalStatus::Pending);
+    let mut conn = db.pool.acquire().await.expect("conn");
+    opsloop::gates::pause_template(&mut conn, "deploy", 2)
+        .await
+        .expect("pause template");
+    drop(conn);
+    assert_approval_gated(&db, &pol, p.id, "paused after 2 failed missions").await;
+    let mut conn = db.pool.acquire().await.expect("conn");
+    opsloop::gates::resume_template(&mut conn, "deploy")
+        .await
+        .expect("resume");
+    drop(conn);
+    let d = approvals::decide(
+        &db.pool,
+        &pol,
+        p.id,
+        "cli:bob",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await
+    .expect("approved after resume");
+    assert!(d.mission_id.is_some());
+}
+
+#[tokio::test]
+async fn the_second_red_approval_is_gated_and_the_first_is_kept() {
+    let db = test_db().await;
+    let pol = gated_policy();
+    let p = proposals::propose(
+        &db.pool,
+        &pol,
+        request("wipe", &[("target", "cache")], "cli:ann"),
+    )
+    .await
+    .expect("propose");
+    approvals::decide(
+        &db.pool,
+        &pol,
+        p.id,
+        "cli:bob",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await
+    .expect("bob");
+    let mut conn = db.pool.acquire().await.expect("conn");
+    opsloop::gates::pause_template(&mut conn, "wipe", 3)
+        .await
+        .expect("pause template");
+    drop(conn);
+    let carol = approvals::decide(
+        &db.pool,
+        &pol,
+        p.id,
+        "cli:carol",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await;
+    assert!(
+        matches!(carol, Err(OpsError::Refused(ref m)) if m.contains("template_paused")),
+        "{carol:?}"
+    );
+    assert_eq!(status_of(&db, p.id).await, "pending");
+    assert_eq!(approvals_of(&db, p.id).await, ["cli:bob"]);
+}
+
+#[tokio::test]
+async fn one_person_in_any_spelling_is_one_approver_and_never_their_own() {
+    let db = test_db().await;
+    let pol = policy();
+    let p = proposals::propose(
+        &db.pool,
+        &pol,
+        request("wipe", &[("target", "cache")], "alice"),
+    )
+    .await
+    .expect("propose");
+    for me in [
+        "Alice",
+        " ALICE",
+        "alice ",
+        "\u{ff41}\u{ff4c}\u{ff49}\u{ff43}\u{ff45}",
+    ] {
+        let own = approvals::decide(&db.pool, &pol, p.id, me, Decision::Approve, None, "cli").await;
+        assert!(
+            matches!(own, Err(OpsError::Refused(ref m)) if m.contains("proposed by you")),
+            "{me:?}: {own:?}"
+        );
+    }
+    let bob = approvals::decide(&db.pool, &pol, p.id, "Bob", Decision::Approve, None, "cli")
+        .await
+        .expect("bob");
+    assert!(bob.counted);
+    let again = approvals::decide(&db.pool, &pol, p.id, " BOB", Decision::Approve, None, "cli")
+        .await
+        .expect("bob again");
+    assert!(
+        !again.counted,
+        "the same person, spelled otherwise, counts once"
+    );
+    assert_eq!(
+        (again.approvals, again.status),
+        (1, ProposalStatus::Pending)
+    );
+    let carol = approvals::decide(
+        &db.pool,
+        &pol,
+        p.id,
+        "carol",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await
+    .expect("carol");
+    assert_eq!(carol.status, ProposalStatus::Approved);
+    // Stored normalized: the unique index is one row per person.
+    assert_eq!(approvals_of(&db, p.id).await, ["bob", "carol"]);
+}
+
+#[tokio::test]
+async fn rows_stored_before_normalization_still_compare_as_people() {
+    let db = test_db().await;
+    let pol = policy();
+    // Written by an older opsloop: the proposer and an approver as typed.
+    let p = proposals::propose(
+        &db.pool,
+        &pol,
+        request("wipe", &[("target", "cache")], "Ann"),
+    )
+    .await
+    .expect("propose");
+    sqlx::query(
+        "INSERT INTO ops_proposal_approvals (proposal_id, actor, decision) VALUES ($1, 'Bob', 'approve')",
+    )
+    .bind(p.id)
+    .execute(&db.pool)
+    .await
+    .expect("old approval");
+    let own = approvals::decide(&db.pool, &pol, p.id, "ann", Decision::Approve, None, "cli").await;
+    assert!(matches!(own, Err(OpsError::Refused(_))), "{own:?}");
+    let bob = approvals::decide(&db.pool, &pol, p.id, "bob", Decision::Approve, None, "cli")
+        .await
+        .expect("bob");
+    assert!(!bob.counted);
+    assert_eq!((bob.approvals, bob.status), (1, ProposalStatus::Pending));
+    let carol = approvals::decide(
+        &db.pool,
+        &pol,
+        p.id,
+        "carol",
+        Decision::Approve,
+        None,
+        "cli",
+    )
+    .await
+    .expect("carol");
+    assert_eq!(carol.status, ProposalStatus::Approved);
+}
+
+#[tokio::test]
+async fn bad_names_and_nul_characters_are_bad_input_and_change_nothing() {
+    let db = test_db().await;
+    let pol = gated_policy();
+    let p = proposals::propose(
+        &db.pool,
+        &pol,
+        request("deploy", &[("tag", "v1.0.0")], "cli:ann"),
+    )
+    .await
+    .expect("propose");
+    let before = count(&db, "SELECT count(*) FROM ops_agent_events").await;
+    for (who, reason, says) in [
+        ("", None, "empty"),
+        ("bo\u{7}b", None, "control character"),
+        ("bo\u{200b}b", None, "invisible"),
+        ("bob", Some("not\u{0}now"), "\\u0000"),
+    ] {
+        let decision = if reason.is_some() {
+            Decision::Reject
+        } else {
+            Decision::Approve
+        };
+        let d = approvals::decide(&db.pool, &pol, p.id, who, decision, reason, "cli").await;
+        assert!(
+            matches!(d, Err(OpsError::BadInput(ref m)) if m.contains(says)),
+            "{who:?}: {d:?}"
+        );
+    }
+    assert_eq!(status_of(&db, p.id).await, "pending");
+    assert!(approvals_of(&db, p.id).await.is_empty());
+    // A param pattern that lets anything through still cannot store U+0000.
+    let nul = proposals::propose(
+        &db.pool,
+        &pol,
+        request("note", &[("text", "a\u{0}b")], "cli:ann"),
+    )
+    .await;
+    assert!(
+        matches!(nul, Err(OpsError::BadInput(ref m)) if m.contains("param \"text\" contains \\u0000")),
+        "{nul:?}"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM ops_agent_events").await,
+        before
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM ops_mission_proposals").await,
+        1
+    );
 }

@@ -1,6 +1,7 @@
 //! Gates: the checks every proposal passes before approval (design §1, §5). Each is
 //! one small query, run inside the proposal's transaction under the proposals lock,
-//! so two proposals racing each other see each other's effect.
+//! so two proposals racing each other see each other's effect. The gates about
+//! missions run once more, under the same lock, when an approval would create one.
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -9,7 +10,6 @@ use sqlx::PgConnection;
 use crate::error::OpsResult;
 use crate::events::{self, NewEvent};
 use crate::policy::{Policy, Template};
-use crate::proposals::Source;
 
 /// Why a proposal was refused: the gate's name and a sentence for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,28 +30,24 @@ impl Refusal {
     }
 }
 
-/// Run the gates in order; the first that refuses decides.
+/// The gates of a new proposal, in order; the first that refuses decides. `automatic`:
+/// from a reaction or a trigger, which the pause switch refuses.
 pub async fn check(
     conn: &mut PgConnection,
     policy: &Policy,
     template: &Template,
     params: &Value,
-    source: Source,
+    automatic: bool,
 ) -> OpsResult<Option<Refusal>> {
     let name = template.name.as_str();
-    if source.is_automatic() && is_paused(conn).await? {
+    if automatic && is_paused(conn).await? {
         return Ok(Some(Refusal::new(
             "paused",
             "opsloop is paused: triggers and reactions propose nothing until `resume`".into(),
         )));
     }
-    if let Some(failures) = template_paused(conn, name).await? {
-        return Ok(Some(Refusal::new(
-            "template_paused",
-            format!(
-                "template {name} is paused after {failures} failed missions in a row; an admin can `resume {name}`"
-            ),
-        )));
+    if let Some(refusal) = template_paused_refusal(conn, name).await? {
+        return Ok(Some(refusal));
     }
     if let Some((existing, what)) = duplicate_of(conn, name, params).await? {
         return Ok(Some(Refusal {
@@ -72,9 +68,41 @@ pub async fn check(
             ),
         )));
     }
-    let Some(limits) = policy.gates.templates.get(&template.name) else {
-        return Ok(None);
-    };
+    caps(conn, policy, name).await
+}
+
+/// The gates about missions (template paused, max_running, cooldown, daily_cap), run
+/// again when an approval is about to create a mission of `template`: proposals made
+/// while the cap allowed them must not all run once approved. The caller holds the
+/// proposals lock, so approvals racing each other see each other's missions.
+pub async fn check_mission(
+    conn: &mut PgConnection,
+    policy: &Policy,
+    template: &str,
+) -> OpsResult<Option<Refusal>> {
+    if let Some(refusal) = template_paused_refusal(conn, template).await? {
+        return Ok(Some(refusal));
+    }
+    caps(conn, policy, template).await
+}
+
+async fn template_paused_refusal(
+    conn: &mut PgConnection,
+    name: &str,
+) -> OpsResult<Option<Refusal>> {
+    Ok(template_paused(conn, name).await?.map(|failures| {
+        Refusal::new(
+            "template_paused",
+            format!(
+                "template {name} is paused after {failures} failed missions in a row; an admin can `resume {name}`"
+            ),
+        )
+    }))
+}
+
+/// The template's caps on missions: max_running, cooldown, daily_cap.
+async fn caps(conn: &mut PgConnection, policy: &Policy, name: &str) -> OpsResult<Option<Refusal>> {
+    let limits = policy.template_gates(name);
     if let Some(max) = limits.max_running {
         let running = count_running(conn, name).await?;
         if running >= i64::from(max) {

@@ -15,6 +15,7 @@ use crate::db::{self, locks};
 use crate::error::{OpsError, OpsResult};
 use crate::events::{self, NewEvent};
 use crate::gates;
+use crate::input;
 use crate::missions::{self, PlannedStep};
 use crate::policy::{Policy, Risk, Template};
 
@@ -101,6 +102,12 @@ pub fn validate<'p>(
     policy: &'p Policy,
     request: &NewProposal,
 ) -> OpsResult<(&'p Template, BTreeMap<String, String>)> {
+    // Before anything quotes them: a pattern like `^.*$` would let U+0000 through.
+    input::storable_text(&request.proposed_by, "proposed_by")?;
+    for (key, value) in &request.params {
+        input::storable_text(key, "a param name")?;
+        input::storable_text(value, &format!("param {key:?}"))?;
+    }
     let Some(template) = policy.template(&request.template) else {
         let known: Vec<&str> = policy.templates.keys().map(|k| k.as_str()).collect();
         return Err(OpsError::bad_input(format!(
@@ -133,7 +140,14 @@ pub async fn propose_in(
         .execute(&mut *conn)
         .await?;
     let params_json = json!(params);
-    let refusal = gates::check(conn, policy, template, &params_json, request.source).await?;
+    let refusal = gates::check(
+        conn,
+        policy,
+        template,
+        &params_json,
+        request.source.is_automatic(),
+    )
+    .await?;
     let rule = policy.approval.rule(template.risk);
     let plan = plan(policy, template, &params);
     let ttl = db::interval(policy.approval.ttl);

@@ -161,10 +161,38 @@ impl<'a, 'i> Fields<'a, 'i> {
 
 pub(super) fn string(ctx: &mut Ctx, v: &Val, path: &str) -> Option<String> {
     match v.get_ref() {
-        DeValue::String(s) => Some(s.to_string()),
+        DeValue::String(s) => storable(ctx, v.span(), path, s).then(|| s.to_string()),
         _ => {
             type_error(ctx, v, path, "a string");
             None
+        }
+    }
+}
+
+/// PostgreSQL cannot store a `"\u0000"` escape's NUL (steps, payloads and params end
+/// up in jsonb): refused here with its location rather than when a mission is created.
+fn storable(ctx: &mut Ctx, span: Range<usize>, path: &str, text: &str) -> bool {
+    match crate::input::storable_text(text, "the string") {
+        Ok(()) => true,
+        Err(e) => {
+            ctx.problem(&span, path, e.to_string());
+            false
+        }
+    }
+}
+
+fn storable_key(ctx: &mut Ctx, key: &Spanned<std::borrow::Cow<str>>, path: &str) -> bool {
+    let name: &str = key.get_ref();
+    match crate::input::storable_text(name, "the key") {
+        Ok(()) => true,
+        Err(e) => {
+            // The path shows the key escaped, so the message itself holds no NUL.
+            ctx.problem(
+                &key.span(),
+                &child(path, &format!("{name:?}")),
+                e.to_string(),
+            );
+            false
         }
     }
 }
@@ -279,6 +307,10 @@ pub(super) fn entries(ctx: &mut Ctx, v: &Val, path: &str) -> Option<Vec<Entry>> 
     let mut out = Vec::new();
     let mut ok = true;
     for (key, value) in table.iter() {
+        if !storable_key(ctx, key, path) {
+            ok = false;
+            continue;
+        }
         let key_path = child(path, key.get_ref());
         match string(ctx, value, &key_path) {
             Some(s) => out.push(Entry {
@@ -302,7 +334,7 @@ pub(super) fn string_map(ctx: &mut Ctx, v: &Val, path: &str) -> Option<BTreeMap<
 pub(super) fn json(ctx: &mut Ctx, v: &Val, path: &str) -> Option<serde_json::Value> {
     use serde_json::Value;
     Some(match v.get_ref() {
-        DeValue::String(s) => Value::String(s.to_string()),
+        DeValue::String(_) => Value::String(string(ctx, v, path)?),
         DeValue::Integer(_) => Value::from(integer(ctx, v, path)?),
         DeValue::Boolean(b) => Value::Bool(*b),
         DeValue::Datetime(d) => Value::String(d.to_string()),
@@ -339,7 +371,12 @@ pub(super) fn json_object(
     let mut out = serde_json::Map::new();
     let mut ok = true;
     for (key, value) in table.iter() {
-        match json(ctx, value, &child(path, key.get_ref())) {
+        if !storable_key(ctx, key, path) {
+            ok = false;
+            continue;
+        }
+        let key_path = child(path, key.get_ref());
+        match json(ctx, value, &key_path) {
             Some(j) => {
                 out.insert(key.get_ref().to_string(), j);
             }

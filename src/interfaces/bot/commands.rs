@@ -434,8 +434,11 @@ async fn decide(state: &BotState, me: &str, args: &str, decision: Decision) -> O
         ));
     }
     let id = parse_id(id, "proposal")?;
+    let _ = state.policy.refresh(&state.pool).await;
+    let policy = state.policy.get().await;
     let decided = approvals::decide(
         &state.pool,
+        &policy,
         id,
         me,
         decision,

@@ -56,8 +56,12 @@ async fn decide(state: &BotState, q: &CallbackQuery) -> String {
     let Some((decision, proposal)) = q.data.as_deref().and_then(parse_data) else {
         return "This button is not one of mine.".into();
     };
+    // The gates about missions are checked again by the approval that would create one.
+    let _ = state.policy.refresh(&state.pool).await;
+    let policy = state.policy.get().await;
     match approvals::decide(
         &state.pool,
+        &policy,
         proposal,
         &access::actor(&q.from),
         decision,

@@ -13,7 +13,7 @@ use crate::db::{self, Database, channels};
 use crate::error::{OpsError, OpsResult};
 use crate::events::{self, sources};
 use crate::gates;
-use crate::input::{parse_id, parse_params, parse_telegram_id};
+use crate::input::{self, parse_id, parse_params, parse_telegram_id};
 use crate::missions::{self, MissionStatus};
 use crate::policy::{self, store};
 use crate::proposals::{self, NewProposal, ProposalStatus, Source};
@@ -175,6 +175,7 @@ async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsRes
                     OpsError::bad_input(format!("--payload is not valid JSON: {e}"))
                 })?,
             };
+            input::storable_json(&payload, "payload")?;
             let id = events::emit_user(pool, &kind, sources::CLI, payload).await?;
             println!("event #{id} {kind} emitted");
             Ok(0)
@@ -263,8 +264,14 @@ async fn decide(
 ) -> OpsResult<i32> {
     let id = parse_id(id, "proposal")?;
     let reason = reason.map(|r| r.trim().chars().take(1000).collect::<String>());
+    // The gates about missions are checked again when this approval would create one.
+    let policy = match store::load(pool).await? {
+        Some(applied) => applied.policy,
+        None => Default::default(),
+    };
     let decided = approvals::decide(
         pool,
+        &policy,
         id,
         &whoami(actor)?,
         decision,
@@ -356,18 +363,13 @@ async fn events_command(
     }
 }
 
-/// `--as NAME`, or `cli:$USER`.
+/// `--as NAME`, or `cli:$USER`, normalized (`Alice` and ` alice` are one person).
+/// Self-asserted: the CLI is the operator's own machine, with the database's password.
 fn whoami(actor: Option<String>) -> OpsResult<String> {
-    let name = match actor {
-        Some(name) => name.trim().to_string(),
-        None => format!("cli:{}", os_user()),
-    };
-    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
-        return Err(OpsError::bad_input(
-            "--as NAME must be 1 to 64 printable characters",
-        ));
+    match actor {
+        Some(name) => input::identity(&name, "--as NAME"),
+        None => input::identity(&format!("cli:{}", os_user()), "the user name ($USER)"),
     }
-    Ok(name)
 }
 
 /// `$USER`, else the passwd entry of this process's user (services often have no `$USER`).
