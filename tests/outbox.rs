@@ -376,11 +376,18 @@ async fn a_prompt_sent_twice_after_a_lost_answer_is_edited_in_both_places() {
         "{:?}",
         prompts(&fake, ADMIN, second)
     );
-    let open: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM ops_notifications WHERE status <> 'sent'")
+    // The last edit is recorded a moment after the fake shows it.
+    let mut open = -1;
+    for _ in 0..100 {
+        open = sqlx::query_scalar("SELECT count(*) FROM ops_notifications WHERE status <> 'sent'")
             .fetch_one(&db.pool)
             .await
             .expect("count");
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(open, 0, "nothing pending or failed");
 }
 
