@@ -147,3 +147,18 @@ pub async fn seen(
 ) -> crate::error::OpsResult<Option<User>> {
     users::seen(pool, user.id.0 as i64, &display_name(user), private).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stranger_is_answered_once_per_window() {
+        let limits = Limiter::new(&TelegramPolicy::default());
+        assert!(limits.stranger(6666));
+        for _ in 0..40 {
+            assert!(!limits.stranger(6666), "the rest of a flood is dropped");
+        }
+        assert!(limits.stranger(7777), "another stranger is answered");
+    }
+}

@@ -137,6 +137,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_long_reply_becomes_numbered_pages_that_fit() {
+        assert_eq!(paged("short"), vec!["short".to_string()]);
+        let lines: Vec<String> = (0..400)
+            .map(|i| format!("• <code>{i}</code> 🙂 someone"))
+            .collect();
+        let parts = paged(&lines.join("\n"));
+        assert!(parts.len() > 1);
+        for (i, part) in parts.iter().enumerate() {
+            assert!(pages::telegram_len(part) <= pages::LIMIT);
+            assert!(
+                part.ends_with(&format!("({}/{})", i + 1, parts.len())),
+                "{part}"
+            );
+        }
+        let all = parts.join("\n");
+        assert!(
+            lines.iter().all(|l| all.contains(l.as_str())),
+            "every line is there"
+        );
+        // Past the page cap, the last page says it was cut.
+        let huge = "\nline".repeat(20_000);
+        let parts = paged(&huge);
+        assert_eq!(parts.len(), MAX_PAGES);
+        assert!(parts[MAX_PAGES - 1].contains("(cut: too long for Telegram)"));
+    }
+
+    #[test]
     fn escapes_html_and_cuts_long_text() {
         assert_eq!(escape("<b>&\"x\""), "&lt;b&gt;&amp;&quot;x&quot;");
         let long = "é".repeat(5000);

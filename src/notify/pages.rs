@@ -133,10 +133,9 @@ pub fn pages(html: &str, limit: usize) -> Vec<String> {
             }
         }
     }
-    if !page.trim().is_empty() {
-        out.push(page.trim_end().to_string());
-    }
-    out.retain(|p| !p.trim().is_empty());
+    out.push(page.trim_end().to_string());
+    // Telegram refuses a message with nothing to show.
+    out.retain(|p| tokens(p).any(|t| matches!(t, Token::Text(text, _) if !text.trim().is_empty())));
     out
 }
 

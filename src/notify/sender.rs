@@ -518,3 +518,29 @@ fn classify(error: RequestError) -> Delivery {
         other => Delivery::Transient(other.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spacing_looks_without_taking_and_remembers_who_sent_last() {
+        let mut chats: Spacing<i64> = Spacing::new(SECOND, 1);
+        let now = Instant::now();
+        assert_eq!(chats.wait(1, now), Duration::ZERO);
+        // Looking costs nothing: still free.
+        assert_eq!(chats.wait(1, now), Duration::ZERO);
+        chats.take(1, now);
+        assert_eq!(chats.wait(1, now), SECOND);
+        assert_eq!(
+            chats.wait(2, now),
+            Duration::ZERO,
+            "another chat is not held back"
+        );
+        assert_eq!(chats.wait(1, now + SECOND), Duration::ZERO);
+        // Round-robin: a chat that never sent sorts before one that did.
+        assert!(chats.last(2) < chats.last(1));
+        let groups: Spacing<i64> = Spacing::new(MINUTE, 20);
+        assert_eq!(groups.every, Duration::from_secs(3));
+    }
+}
