@@ -568,3 +568,118 @@ async fn a_user_past_the_rate_limit_is_told_once() {
         "{texts:?}"
     );
 }
+
+/// Index in `requests` of the first accepted sendMessage to `chat` whose text has `words`.
+fn first_send(
+    requests: &[support::fake_telegram::Request],
+    chat: i64,
+    words: &str,
+) -> Option<usize> {
+    requests.iter().position(|r| {
+        r.method == "sendmessage"
+            && r.status == 200
+            && r.chat_id() == Some(chat)
+            && r.body["text"].as_str().is_some_and(|t| t.contains(words))
+    })
+}
+
+fn accepted_sends(requests: &[support::fake_telegram::Request], chat: i64) -> usize {
+    requests
+        .iter()
+        .filter(|r| r.method == "sendmessage" && r.status == 200 && r.chat_id() == Some(chat))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_flood_is_answered_once_and_does_not_hold_back_a_prompt() {
+    // One message per second per chat, as Telegram allows, and two per second in all,
+    // so that the global limit is what the chats compete for.
+    let w = world_with("[telegram]\nmessages_per_second = 2\n").await;
+    for _ in 0..40 {
+        w.say(EVE, "/status").await;
+    }
+    assert!(
+        w.any_text_contains(EVE, "Not authorized").await,
+        "the stranger is told once"
+    );
+    // Every message of the flood handled (queued, before the fix) before the proposal.
+    assert!(
+        w.fake
+            .wait_for(Duration::from_secs(15), |f| f.pending_updates() == 0)
+            .await
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    w.say(ANN, "/propose deploy tag=v1.0.0").await;
+    w.wait_prompt(ADMIN, 1).await;
+    let requests = w.fake.requests();
+    let prompt = first_send(&requests, ADMIN, "proposal #1</b>").expect("prompt sent");
+    let before = accepted_sends(&requests[..prompt], EVE);
+    assert!(
+        before <= 2,
+        "{before} answers to the stranger went out before the admin's prompt"
+    );
+    // Nothing more is queued for the stranger.
+    let queued: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM ops_notifications WHERE chat_id = $1 AND status = 'pending'",
+    )
+    .bind(EVE)
+    .fetch_one(&w.db.pool)
+    .await
+    .expect("count");
+    assert_eq!(queued, 0);
+    let answers = w.fake.sent_messages(EVE).len();
+    assert!(
+        (1..=2).contains(&answers),
+        "the stranger got {answers} answers"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_too_long_for_one_message_arrives_whole_in_several() {
+    let w = world().await;
+    let ids: Vec<i64> = (0..150).map(|i| 7_000_000_000 + i).collect();
+    for id in &ids {
+        opsloop::users::grant(&w.db.pool, *id, "viewer".parse().expect("role"))
+            .await
+            .expect("grant");
+        // A name as long as people's names get, with characters outside the BMP.
+        let name = format!("Someone With A Rather Long Name 🙂 {id}");
+        opsloop::users::seen(&w.db.pool, *id, &name, false)
+            .await
+            .expect("name");
+    }
+    w.say(ADMIN, "/users").await;
+    let all_listed = |f: &FakeTelegram| {
+        let texts: String = f
+            .sent_messages(ADMIN)
+            .iter()
+            .map(|m| m.text.clone())
+            .collect();
+        ids.iter()
+            .all(|id| texts.contains(&format!("<code>{id}</code>")))
+    };
+    assert!(
+        w.fake.wait_for(Duration::from_secs(30), all_listed).await,
+        "the admin did not get the whole list: {:?}",
+        w.fake.sent_messages(ADMIN).last()
+    );
+    let pages: Vec<String> = w
+        .fake
+        .sent_messages(ADMIN)
+        .into_iter()
+        .map(|m| m.text)
+        .filter(|t| t.contains("Someone With"))
+        .collect();
+    assert!(pages.len() >= 2, "{} messages", pages.len());
+    assert!(
+        pages[0].ends_with(&format!("(1/{})", pages.len())),
+        "{}",
+        pages[0]
+    );
+    let failed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ops_notifications WHERE status = 'failed'")
+            .fetch_one(&w.db.pool)
+            .await
+            .expect("count");
+    assert_eq!(failed, 0, "nothing refused by Telegram");
+}

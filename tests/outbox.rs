@@ -188,3 +188,275 @@ async fn another_process_takes_over_polling_when_the_holder_dies() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(fake.sent_messages(ADMIN).len(), 3);
 }
+
+/// One message per second per chat, as Telegram allows, two per second in all (so the
+/// chats compete for the global limit), one template that needs an approval.
+const PROMPT_POLICY: &str = r#"
+[approval]
+ttl = "1h"
+
+[telegram]
+messages_per_second = 2
+
+[templates.deploy]
+risk = "high"
+params.tag = { pattern = '^v\d+$', help = "a tag" }
+steps = [ { name = "n", kind = "noop" } ]
+"#;
+
+/// A daemon with PROMPT_POLICY; the admin (and Ann, a viewer) have started the bot.
+async fn started(db: &support::TestDb, fake: &FakeTelegram) -> Daemon {
+    opsloop::users::grant(&db.pool, ANN, "viewer".parse().expect("role"))
+        .await
+        .expect("grant");
+    let daemon = Daemon::start(db, fake, PROMPT_POLICY, &ADMIN.to_string());
+    for (id, name) in [(ADMIN, "Ada"), (ANN, "Ann")] {
+        fake.send_text(Chat::private(id), User::new(id, name), "/start");
+        assert!(
+            fake.wait_for(Duration::from_secs(15), |f| f.sent_messages(id).len() == 1)
+                .await,
+            "no answer to /start for {id}"
+        );
+    }
+    daemon
+}
+
+async fn propose_deploy(db: &support::TestDb, tag: &str) -> i64 {
+    let policy = opsloop::policy::parse(PROMPT_POLICY).expect("policy");
+    let proposed = support::propose(&db.pool, &policy, "deploy", &[("tag", tag)]).await;
+    proposed.id
+}
+
+fn prompts(fake: &FakeTelegram, chat: i64, proposal: i64) -> Vec<support::fake_telegram::Sent> {
+    fake.sent_messages(chat)
+        .into_iter()
+        .filter(|m| m.text.contains(&format!("proposal #{proposal}</b>")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_chat_does_not_hold_back_a_prompt_to_another() {
+    let db = test_db().await;
+    let fake = FakeTelegram::start().await;
+    let _daemon = started(&db, &fake).await;
+    let mut conn = db.pool.acquire().await.expect("conn");
+    for n in 0..40 {
+        opsloop::notify::enqueue_text(&mut conn, ANN, &format!("busy {n}"))
+            .await
+            .expect("enqueue");
+    }
+    let mark = fake.requests().len();
+    propose_deploy(&db, "v1").await;
+    assert!(
+        fake.wait_for(Duration::from_secs(60), |f| !prompts(f, ADMIN, 1)
+            .is_empty())
+            .await,
+        "no prompt"
+    );
+    let requests = fake.requests();
+    let prompt = requests
+        .iter()
+        .position(|r| {
+            r.method == "sendmessage"
+                && r.status == 200
+                && r.chat_id() == Some(ADMIN)
+                && r.body["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("proposal #1</b>"))
+        })
+        .expect("the prompt's request");
+    let busy_between = requests[mark..prompt]
+        .iter()
+        .filter(|r| r.method == "sendmessage" && r.status == 200 && r.chat_id() == Some(ANN))
+        .count();
+    assert!(
+        busy_between <= 3,
+        "{busy_between} of the busy chat's messages went out after the prompt was queued and before it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prompt_sent_twice_after_a_lost_answer_is_edited_in_both_places() {
+    let db = test_db().await;
+    let fake = FakeTelegram::start().await;
+    let _daemon = started(&db, &fake).await;
+    let admin = User::new(ADMIN, "Ada");
+
+    // Telegram takes the prompt, and its answer is lost: the sender sends it again.
+    fake.fail_next("sendmessage", 1, Fault::LoseResponse);
+    let first = propose_deploy(&db, "v1").await;
+    assert!(
+        fake.wait_for(Duration::from_secs(30), |f| prompts(f, ADMIN, first).len()
+            == 2)
+            .await,
+        "{:?}",
+        fake.sent_messages(ADMIN)
+    );
+    // Recorded a moment after the fake shows it: two attempts.
+    let mut row = (0, String::new());
+    for _ in 0..100 {
+        row = sqlx::query_as(
+            "SELECT attempts, status FROM ops_notifications
+             WHERE chat_id = $1 AND subject = 'proposal:' || $2 ORDER BY id LIMIT 1",
+        )
+        .bind(ADMIN)
+        .bind(first)
+        .fetch_one(&db.pool)
+        .await
+        .expect("row");
+        if row.1 == "sent" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!((row.0, row.1.as_str()), (2, "sent"));
+    // A tap on the copy whose answer was lost decides, and both copies show it.
+    let lost = prompts(&fake, ADMIN, first)[0].clone();
+    assert!(lost.reply_markup.is_some());
+    let query = fake.tap(
+        Chat::private(ADMIN),
+        admin.clone(),
+        lost.message_id,
+        &format!("a:{first}"),
+    );
+    assert!(
+        fake.wait_for(Duration::from_secs(15), |f| f
+            .callback_answers()
+            .iter()
+            .any(
+                |(q, t)| *q == query && t.as_deref().is_some_and(|t| t.contains("approved"))
+            ))
+        .await,
+        "{:?}",
+        fake.callback_answers()
+    );
+    let decided = |f: &FakeTelegram, proposal: i64| {
+        let p = prompts(f, ADMIN, proposal);
+        p.len() == 2
+            && p.iter()
+                .all(|m| m.text.contains("approved</b>") && m.reply_markup.is_none())
+    };
+    assert!(
+        fake.wait_for(Duration::from_secs(15), |f| decided(f, first))
+            .await,
+        "{:?}",
+        prompts(&fake, ADMIN, first)
+    );
+
+    // Decided elsewhere: the copy we know is edited; the other is edited once tapped.
+    fake.fail_next("sendmessage", 1, Fault::LoseResponse);
+    let second = propose_deploy(&db, "v2").await;
+    assert!(
+        fake.wait_for(Duration::from_secs(30), |f| prompts(f, ADMIN, second).len()
+            == 2)
+            .await
+    );
+    opsloop::approvals::decide(
+        &db.pool,
+        second,
+        "cli:ops",
+        opsloop::approvals::Decision::Approve,
+        None,
+        "cli",
+    )
+    .await
+    .expect("approve");
+    assert!(
+        fake.wait_for(Duration::from_secs(15), |f| prompts(f, ADMIN, second)
+            .iter()
+            .any(|m| m.text.contains("approved</b>")))
+            .await
+    );
+    let stale = prompts(&fake, ADMIN, second)
+        .into_iter()
+        .find(|m| m.reply_markup.is_some())
+        .expect("the copy we had no record of");
+    let query = fake.tap(
+        Chat::private(ADMIN),
+        admin,
+        stale.message_id,
+        &format!("a:{second}"),
+    );
+    assert!(
+        fake.wait_for(Duration::from_secs(15), |f| f
+            .callback_answers()
+            .iter()
+            .any(|(q, t)| *q == query
+                && t.as_deref().is_some_and(|t| t.contains("already approved"))))
+            .await,
+        "{:?}",
+        fake.callback_answers()
+    );
+    assert!(
+        fake.wait_for(Duration::from_secs(15), |f| decided(f, second))
+            .await,
+        "{:?}",
+        prompts(&fake, ADMIN, second)
+    );
+    // The last edit is recorded a moment after the fake shows it.
+    let mut open: i64 = -1;
+    for _ in 0..100 {
+        open = sqlx::query_scalar("SELECT count(*) FROM ops_notifications WHERE status <> 'sent'")
+            .fetch_one(&db.pool)
+            .await
+            .expect("count");
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(open, 0, "nothing pending or failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_in_flight_is_marked_and_sent_again_after_a_crash() {
+    let db = test_db().await;
+    let fake = FakeTelegram::start().await;
+    let mut daemon = started(&db, &fake).await;
+    fake.fail_next("sendmessage", 1, Fault::Slow(Duration::from_secs(60)));
+    let mut conn = db.pool.acquire().await.expect("conn");
+    opsloop::notify::enqueue_text(&mut conn, ANN, "hello in flight")
+        .await
+        .expect("enqueue");
+    assert!(
+        fake.wait_for(Duration::from_secs(15), |f| f.requests().iter().any(|r| r
+            .method
+            == "sendmessage"
+            && r.status == 0
+            && r.chat_id() == Some(ANN)))
+            .await
+    );
+    let row = || async {
+        let row: (String, i32, Option<String>) = sqlx::query_as(
+            "SELECT status, attempts, error FROM ops_notifications
+             WHERE chat_id = $1 AND body->>'text' = 'hello in flight'",
+        )
+        .bind(ANN)
+        .fetch_one(&db.pool)
+        .await
+        .expect("row");
+        row
+    };
+    // While Telegram is being called, the row says so.
+    let (status, attempts, error) = row().await;
+    assert_eq!((status.as_str(), attempts), ("pending", 1));
+    assert!(error.is_some_and(|e| e.starts_with("in flight")));
+    // The sender dies mid-call; the next one sends it again (at least once).
+    daemon.signal(libc::SIGKILL);
+    let _daemon = Daemon::start(&db, &fake, PROMPT_POLICY, &ADMIN.to_string());
+    assert!(
+        fake.wait_for(Duration::from_secs(30), |f| f
+            .sent_messages(ANN)
+            .iter()
+            .any(|m| m.text == "hello in flight"))
+            .await
+    );
+    for _ in 0..100 {
+        if row().await.0 == "sent" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, attempts, error) = row().await;
+    assert_eq!((status.as_str(), attempts, error), ("sent", 2, None));
+}

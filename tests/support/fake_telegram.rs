@@ -88,6 +88,9 @@ pub enum Fault {
     Slow(Duration),
     /// Close the connection without answering (teloxide: `RequestError::Network`).
     Drop,
+    /// Carry the request out (a sendMessage is recorded, the message is in the chat),
+    /// then close the connection without answering: a lost response.
+    LoseResponse,
     /// 409 "Conflict: terminated by other getUpdates request; ...".
     Conflict,
     /// Any other error, e.g. `Api { code: 403, description: "Forbidden: bot was blocked by the user".into() }`.
@@ -443,7 +446,7 @@ const TAGS: &str =
     "b strong i em u ins s strike del a code pre tg-spoiler span blockquote tg-emoji";
 
 /// Checks Telegram HTML like the real API (supported, balanced tags; `<` must be escaped)
-/// and returns the visible length in chars.
+/// and returns the visible length as Telegram counts it: UTF-16 code units.
 fn html_len(s: &str) -> Result<usize, String> {
     let (mut n, mut i, mut open) = (0, 0, Vec::<&str>::new());
     while let Some(c) = s[i..].chars().next() {
@@ -480,7 +483,10 @@ fn html_len(s: &str) -> Result<usize, String> {
                     || e.strip_prefix("#x").is_some_and(|d| num(d, 16))
                     || e.strip_prefix('#').is_some_and(|d| num(d, 10))
             });
-        n += 1;
+        n += match entity {
+            Some(j) => decoded_entity(&s[i + 1..i + j]).map_or(1, char::len_utf16),
+            None => c.len_utf16(),
+        };
         i += entity.map_or(c.len_utf8(), |j| j + 1);
     }
     match open.pop() {
@@ -489,6 +495,14 @@ fn html_len(s: &str) -> Result<usize, String> {
         )),
         None => Ok(n),
     }
+}
+
+fn decoded_entity(e: &str) -> Option<char> {
+    let code = match e.strip_prefix("#x") {
+        Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+        None => e.strip_prefix('#')?.parse().ok()?,
+    };
+    char::from_u32(code)
 }
 
 /// Validates text, parse_mode and reply_markup like the real API; returns the keyboard
@@ -503,7 +517,7 @@ fn check_content(
             Ok(n) => n,
             Err(e) => return fail(400, &format!("Bad Request: can't parse entities: {e}")),
         },
-        _ => text.chars().count(),
+        _ => text.encode_utf16().count(),
     };
     if text.trim().is_empty() || len == 0 {
         return fail(400, "Bad Request: message text is empty");
@@ -716,6 +730,11 @@ async fn handle(
     }
     let reply = match fault {
         _ if !token_ok => fail(401, "Unauthorized"),
+        Some(Fault::LoseResponse) => {
+            let _ = dispatch(&sh, &method, &body);
+            drop_connection(conn);
+            return StatusCode::OK.into_response();
+        }
         Some(ref f) if !matches!(f, Fault::Slow(_)) => fault_reply(f),
         _ if method == "getupdates" => get_updates(&sh, &body).await,
         _ => dispatch(&sh, &method, &body),

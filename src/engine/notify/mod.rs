@@ -3,28 +3,90 @@
 //! this module adds the rest (command replies, prompt refreshes) and renders and sends
 //! them (`render`, `sender`).
 
+pub mod pages;
 pub mod render;
 pub mod sender;
 
-use serde_json::json;
-use sqlx::PgConnection;
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool};
 
 use crate::error::OpsResult;
 
-/// Telegram's limit on a message's text.
+/// Telegram's limit on a message's text (UTF-16 code units after entity parsing).
 pub const MAX_TEXT: usize = 4096;
 
-/// Queue a new message with this (HTML) text for `chat_id`.
+/// A reply longer than this many messages is cut (a page says so).
+const MAX_PAGES: usize = 10;
+
+/// Queue a new message with this (HTML) text for `chat_id`. A text too long for one
+/// message becomes several, numbered, in order, each valid HTML on its own.
 pub async fn enqueue_text(conn: &mut PgConnection, chat_id: i64, text: &str) -> OpsResult<()> {
+    let bodies: Vec<Value> = paged(text)
+        .into_iter()
+        .map(|text| json!({ "text": text }))
+        .collect();
     sqlx::query(
         "WITH n AS (
             INSERT INTO ops_notifications (chat_id, subject, action, body)
-            VALUES ($1, 'reply', 'send', $2) RETURNING id)
-         SELECT pg_notify('ops_outbox', '') FROM n",
+            SELECT $1, 'reply', 'send', body FROM unnest($2::jsonb[]) WITH ORDINALITY AS t(body, n)
+            ORDER BY n RETURNING id)
+         SELECT pg_notify('ops_outbox', '') FROM n LIMIT 1",
     )
     .bind(chat_id)
-    .bind(json!({ "text": text }))
+    .bind(bodies)
     .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The messages a reply becomes: one when it fits, else pages marked `(1/3)`.
+fn paged(text: &str) -> Vec<String> {
+    // Room for the page mark and the cut note.
+    let mut parts = pages::pages(text, pages::LIMIT - 64);
+    if parts.len() <= 1 {
+        return vec![text.to_string()];
+    }
+    if parts.len() > MAX_PAGES {
+        parts.truncate(MAX_PAGES);
+        parts[MAX_PAGES - 1].push_str("\n… (cut: too long for Telegram)");
+    }
+    let n = parts.len();
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, part)| format!("{part}\n({}/{n})", i + 1))
+        .collect()
+}
+
+/// Someone tapped a button of prompt `message_id` in `chat_id`, a message of ours we
+/// have no record of: a prompt sent twice because Telegram's answer to the first send
+/// was lost. Record it, so the proposal's edits reach it like the others, and refresh
+/// it now. Only for chats that were sent this proposal's prompt.
+pub async fn adopt_prompt(
+    pool: &PgPool,
+    chat_id: i64,
+    message_id: i32,
+    proposal_id: i64,
+) -> OpsResult<()> {
+    sqlx::query(
+        "WITH adopted AS (
+            INSERT INTO ops_notifications (chat_id, subject, action, status, message_id, sent_at)
+            SELECT $1, 'proposal:' || $3, 'prompt', 'sent', $2, now()
+            WHERE EXISTS (SELECT 1 FROM ops_notifications
+                          WHERE chat_id = $1 AND subject = 'proposal:' || $3 AND action = 'prompt')
+              AND NOT EXISTS (SELECT 1 FROM ops_notifications
+                              WHERE chat_id = $1 AND subject = 'proposal:' || $3 AND action = 'prompt'
+                                AND message_id = $2)
+            RETURNING chat_id, subject),
+         refresh AS (
+            INSERT INTO ops_notifications (chat_id, subject, action)
+            SELECT chat_id, subject, 'prompt' FROM adopted RETURNING id)
+         SELECT pg_notify('ops_outbox', '') FROM refresh",
+    )
+    .bind(chat_id)
+    .bind(i64::from(message_id))
+    .bind(proposal_id)
+    .execute(pool)
     .await?;
     Ok(())
 }
@@ -73,6 +135,33 @@ pub fn cut(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_reply_becomes_numbered_pages_that_fit() {
+        assert_eq!(paged("short"), vec!["short".to_string()]);
+        let lines: Vec<String> = (0..400)
+            .map(|i| format!("• <code>{i}</code> 🙂 someone"))
+            .collect();
+        let parts = paged(&lines.join("\n"));
+        assert!(parts.len() > 1);
+        for (i, part) in parts.iter().enumerate() {
+            assert!(pages::telegram_len(part) <= pages::LIMIT);
+            assert!(
+                part.ends_with(&format!("({}/{})", i + 1, parts.len())),
+                "{part}"
+            );
+        }
+        let all = parts.join("\n");
+        assert!(
+            lines.iter().all(|l| all.contains(l.as_str())),
+            "every line is there"
+        );
+        // Past the page cap, the last page says it was cut.
+        let huge = "\nline".repeat(20_000);
+        let parts = paged(&huge);
+        assert_eq!(parts.len(), MAX_PAGES);
+        assert!(parts[MAX_PAGES - 1].contains("(cut: too long for Telegram)"));
+    }
 
     #[test]
     fn escapes_html_and_cuts_long_text() {

@@ -6,7 +6,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup};
 
-use super::{MAX_TEXT, cut, escape};
+use super::{cut, escape, pages};
 use crate::error::{OpsError, OpsResult};
 use crate::missions;
 use crate::proposals;
@@ -21,27 +21,18 @@ pub struct Rendered {
 impl Rendered {
     fn text(text: String) -> Rendered {
         Rendered {
-            text: fit(text),
+            text: fit(&text),
             buttons: None,
         }
     }
 }
 
-/// Keep a rendered message under the limit (cutting at a line so no tag is split).
-fn fit(text: String) -> String {
-    if text.chars().count() <= MAX_TEXT {
-        return text;
-    }
-    let mut out = String::new();
-    for line in text.lines() {
-        if out.chars().count() + line.chars().count() + 40 > MAX_TEXT {
-            out.push_str("… (cut: see `opsloop mission ID`)");
-            break;
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
+/// What a message too long for Telegram ends with, after its cut.
+pub const CUT_NOTE: &str = "… (cut: too long for one Telegram message)";
+
+/// Keep a rendered message within Telegram's limit (cut at a line, tags kept balanced).
+pub fn fit(text: &str) -> String {
+    pages::fit(text, CUT_NOTE)
 }
 
 /// Callback data of the prompt buttons: `a:ID` / `r:ID` (well within 64 bytes).
@@ -132,7 +123,7 @@ pub async fn prompt(pool: &PgPool, proposal_id: i64) -> OpsResult<Rendered> {
         ]])
     });
     Ok(Rendered {
-        text: fit(text),
+        text: fit(&text),
         buttons,
     })
 }

@@ -1,11 +1,25 @@
 //! The outbox sender: one per database (advisory lock), in order per chat, within
 //! Telegram's limits, honouring 429 `retry_after`, retrying other failures with backoff.
-//! A row is marked sent right after Telegram accepts it and is never sent again.
+//!
+//! Fairness: each round looks at every chat's oldest pending row and sends only for the
+//! chats whose own limit allows a message now, then takes a global slot for each, so a
+//! chat with a long queue gets its per-chat share and never holds the others back.
+//! Approval prompts go first (someone is waiting to decide), then the chat served least
+//! lately.
+//!
+//! Delivery is at least once. Telegram's `sendMessage` has no idempotency key, so when
+//! the sender stops between Telegram's accepting a message and the row's being marked
+//! sent, or Telegram's answer is lost on the way, the message is sent again. The window
+//! is kept small and visible: the row says it is in flight (with its attempt) before
+//! the call, and is marked sent as soon as Telegram answers (retrying that write). Edits
+//! are idempotent; a prompt that ended up in a chat twice is edited wherever we know it
+//! (the copy whose answer was lost becomes known when someone taps it).
 
-use std::num::NonZeroU32;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, pool::PoolConnection, postgres::PgListener};
 use teloxide::prelude::*;
@@ -20,8 +34,12 @@ use crate::error::OpsResult;
 use crate::policy::TelegramPolicy;
 use crate::telemetry;
 
-/// Failed attempts before a row is given up (transient errors only).
+/// Attempts before a row is given up (transient errors only; 429s do not count).
 const MAX_ATTEMPTS: i32 = 12;
+
+/// What a row says while Telegram is being called. Left there, it tells that the sender
+/// stopped mid-call, and the message may be in the chat already.
+const IN_FLIGHT: &str = "in flight: Telegram was called, its answer is not recorded yet";
 
 #[derive(Debug, sqlx::FromRow)]
 struct Row {
@@ -32,6 +50,7 @@ struct Row {
     event_id: Option<i64>,
     body: Value,
     attempts: i32,
+    error: Option<String>,
     due: bool,
 }
 
@@ -42,24 +61,81 @@ enum Delivery {
     Permanent(String),
 }
 
+/// Evenly spaced sends per key: one per `every`, no bursts, since Telegram's limits are
+/// about spacing. Looking is separate from taking, so a chat that must wait spends nothing.
+struct Spacing<K> {
+    every: Duration,
+    /// When each key may send next; a key not here may send now.
+    next: HashMap<K, Instant>,
+}
+
+impl<K: Hash + Eq + Copy> Spacing<K> {
+    /// `n` per `period`.
+    fn new(period: Duration, n: u32) -> Spacing<K> {
+        let every = (period / n.max(1)).max(Duration::from_micros(1));
+        Spacing {
+            every,
+            next: HashMap::new(),
+        }
+    }
+
+    fn wait(&self, key: K, now: Instant) -> Duration {
+        self.next
+            .get(&key)
+            .map_or(Duration::ZERO, |next| next.saturating_duration_since(now))
+    }
+
+    fn take(&mut self, key: K, now: Instant) {
+        self.next.insert(key, now + self.every);
+    }
+
+    /// When `key` last sent, if lately (for round-robin: `None` sorts first).
+    fn last(&self, key: K) -> Option<Instant> {
+        self.next.get(&key).map(|next| *next - self.every)
+    }
+
+    /// Keys that may send now are as good as absent.
+    fn forget_idle(&mut self, now: Instant) {
+        if self.next.len() > 1024 {
+            self.next.retain(|_, next| *next > now);
+        }
+    }
+}
+
+struct Limits {
+    global: Spacing<()>,
+    chats: Spacing<i64>,
+    groups: Spacing<i64>,
+}
+
+impl Limits {
+    /// How long `chat` must wait before its own limits allow a message.
+    fn chat_wait(&self, chat: i64, now: Instant) -> Duration {
+        let group = if chat < 0 {
+            self.groups.wait(chat, now)
+        } else {
+            Duration::ZERO
+        };
+        self.chats.wait(chat, now).max(group)
+    }
+
+    fn take(&mut self, chat: i64, now: Instant) {
+        self.global.take((), now);
+        self.chats.take(chat, now);
+        if chat < 0 {
+            self.groups.take(chat, now);
+        }
+    }
+}
+
 pub struct Sender {
     pool: PgPool,
     bot: Bot,
-    global: DefaultDirectRateLimiter,
-    chats: DefaultKeyedRateLimiter<i64>,
-    groups: DefaultKeyedRateLimiter<i64>,
+    limits: Mutex<Limits>,
 }
 
 const SECOND: Duration = Duration::from_secs(1);
 const MINUTE: Duration = Duration::from_secs(60);
-
-/// `n` per `period`, evenly spaced: no bursts, since Telegram's limits are about spacing.
-fn spaced(period: Duration, n: u32) -> Quota {
-    let every = period / n.max(1);
-    Quota::with_period(every.max(Duration::from_micros(1)))
-        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-        .allow_burst(NonZeroU32::MIN)
-}
 
 impl Sender {
     /// A sender within `limits` (Telegram's, unless the policy says otherwise).
@@ -67,9 +143,11 @@ impl Sender {
         Sender {
             pool,
             bot,
-            global: RateLimiter::direct(spaced(SECOND, limits.messages_per_second)),
-            chats: RateLimiter::keyed(spaced(SECOND, limits.chat_messages_per_second)),
-            groups: RateLimiter::keyed(spaced(MINUTE, limits.group_messages_per_minute)),
+            limits: Mutex::new(Limits {
+                global: Spacing::new(SECOND, limits.messages_per_second),
+                chats: Spacing::new(SECOND, limits.chat_messages_per_second),
+                groups: Spacing::new(MINUTE, limits.group_messages_per_minute),
+            }),
         }
     }
 
@@ -137,49 +215,52 @@ impl Sender {
         result
     }
 
-    /// Send what each chat may send now; return how long to wait before the next round.
+    /// Send what the limits allow now; return how long to wait before the next round.
     pub async fn round(&self) -> OpsResult<Duration> {
         // Only each chat's oldest pending row is eligible: order per chat holds.
-        let mut heads: Vec<Row> = sqlx::query_as(
+        let heads: Vec<Row> = sqlx::query_as(
             "SELECT DISTINCT ON (chat_id) id, chat_id, subject, action, event_id, body, attempts,
-                    run_after <= now() AS due
+                    error, run_after <= now() AS due
              FROM ops_notifications WHERE status = 'pending'
              ORDER BY chat_id, id LIMIT 1000",
         )
         .fetch_all(&self.pool)
         .await?;
-        heads.sort_by_key(|r| r.id);
         let mut wait = Duration::from_secs(1);
-        let mut sent_any = false;
-        for row in heads.iter().filter(|r| r.due) {
-            if let Some(not_yet) = self.throttled(row.chat_id) {
-                wait = wait.min(not_yet);
-                continue;
+        let mut ready: Vec<&Row> = Vec::new();
+        {
+            let mut limits = self.limits();
+            let now = Instant::now();
+            limits.chats.forget_idle(now);
+            limits.groups.forget_idle(now);
+            for row in heads.iter().filter(|r| r.due) {
+                match limits.chat_wait(row.chat_id, now) {
+                    Duration::ZERO => ready.push(row),
+                    not_yet => wait = wait.min(not_yet),
+                }
             }
-            self.deliver_and_record(row).await?;
-            sent_any = true;
+            ready.sort_by_key(|r| (r.action != "prompt", limits.chats.last(r.chat_id), r.id));
         }
-        if sent_any {
+        let mut sent_all = !ready.is_empty();
+        for row in ready {
+            // The global slot is taken only by a chat that may send now.
+            let global = self.limits().global.wait((), Instant::now());
+            if !global.is_zero() {
+                wait = wait.min(global);
+                sent_all = false;
+                break;
+            }
+            self.limits().take(row.chat_id, Instant::now());
+            self.deliver_and_record(row).await?;
+        }
+        if sent_all {
             wait = Duration::ZERO;
         }
         Ok(wait.max(Duration::from_millis(5)))
     }
 
-    /// How long until `chat` may receive another message (None: now, and counted).
-    fn throttled(&self, chat: i64) -> Option<Duration> {
-        let now = governor::clock::Clock::now(&governor::clock::DefaultClock::default());
-        if let Err(not_until) = self.chats.check_key(&chat) {
-            return Some(not_until.wait_time_from(now));
-        }
-        if chat < 0
-            && let Err(not_until) = self.groups.check_key(&chat)
-        {
-            return Some(not_until.wait_time_from(now));
-        }
-        if let Err(not_until) = self.global.check() {
-            return Some(not_until.wait_time_from(now));
-        }
-        None
+    fn limits(&self) -> MutexGuard<'_, Limits> {
+        self.limits.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn deliver_and_record(&self, row: &Row) -> OpsResult<()> {
@@ -194,24 +275,25 @@ impl Sender {
         .bind(row.id)
         .fetch_one(&self.pool)
         .await?;
+        if row.error.as_deref() == Some(IN_FLIGHT) {
+            warn!(
+                notification = row.id,
+                chat_id = row.chat_id,
+                "the last attempt's outcome is unknown (the sender stopped mid-call); \
+                 trying again, so a new message may show twice"
+            );
+        }
+        let attempt = row.attempts + 1;
+        sqlx::query("UPDATE ops_notifications SET attempts = $2, error = $3 WHERE id = $1")
+            .bind(row.id)
+            .bind(attempt)
+            .bind(IN_FLIGHT)
+            .execute(&self.pool)
+            .await?;
         match self.deliver(row).await {
             Delivery::Sent(message_id) => {
                 telemetry::notification("sent");
-                sqlx::query(
-                    "UPDATE ops_notifications
-                     SET status = 'sent', sent_at = now(), error = NULL,
-                         message_id = CASE WHEN id = $1 THEN $5 ELSE message_id END
-                     WHERE status = 'pending' AND chat_id = $2
-                       AND (id = $1 OR (subject = $3 AND action = $4 AND action <> 'send' AND id <= $6))",
-                )
-                .bind(row.id)
-                .bind(row.chat_id)
-                .bind(&row.subject)
-                .bind(&row.action)
-                .bind(message_id.map(i64::from))
-                .bind(covered)
-                .execute(&self.pool)
-                .await?;
+                self.record_sent(row, message_id, covered).await?;
             }
             Delivery::RetryAfter(after) => {
                 warn!(
@@ -219,25 +301,33 @@ impl Sender {
                     retry_after_s = after.as_secs(),
                     "Telegram asked to slow down"
                 );
-                // The whole chat waits, so its order holds.
+                // The whole chat waits, so its order holds. Telegram's pacing is no failure.
                 sqlx::query(
-                    "UPDATE ops_notifications SET run_after = now() + $2
+                    "UPDATE ops_notifications
+                     SET run_after = now() + $2,
+                         attempts = CASE WHEN id = $3 THEN $4 ELSE attempts END,
+                         error = CASE WHEN id = $3 THEN $5 ELSE error END
                      WHERE status = 'pending' AND chat_id = $1",
                 )
                 .bind(row.chat_id)
                 .bind(db::interval(after))
+                .bind(row.id)
+                .bind(row.attempts)
+                .bind(format!(
+                    "Telegram asked to retry after {}s",
+                    after.as_secs()
+                ))
                 .execute(&self.pool)
                 .await?;
             }
-            Delivery::Transient(error) if row.attempts + 1 < MAX_ATTEMPTS => {
+            Delivery::Transient(error) if attempt < MAX_ATTEMPTS => {
                 let delay = crate::executors::backoff_delay(
-                    (row.attempts + 1) as u32,
+                    attempt as u32,
                     Duration::from_millis(500),
                     Duration::from_secs(60),
                 );
                 sqlx::query(
-                    "UPDATE ops_notifications SET attempts = attempts + 1, error = $2, run_after = now() + $3
-                     WHERE id = $1",
+                    "UPDATE ops_notifications SET error = $2, run_after = now() + $3 WHERE id = $1",
                 )
                 .bind(row.id)
                 .bind(&error)
@@ -249,7 +339,7 @@ impl Sender {
                 warn!(chat_id = row.chat_id, error = %error, "notification given up");
                 telemetry::notification("failed");
                 sqlx::query(
-                    "UPDATE ops_notifications SET status = 'failed', attempts = attempts + 1, error = $2 WHERE id = $1",
+                    "UPDATE ops_notifications SET status = 'failed', error = $2 WHERE id = $1",
                 )
                 .bind(row.id)
                 .bind(&error)
@@ -260,6 +350,38 @@ impl Sender {
         Ok(())
     }
 
+    /// Mark the row (and the refreshes it covered) sent. The message is in the chat now,
+    /// and a row left pending would be sent again, so a failing write is retried a while.
+    async fn record_sent(&self, row: &Row, message_id: Option<i32>, covered: i64) -> OpsResult<()> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let result = sqlx::query(
+                "UPDATE ops_notifications
+                 SET status = 'sent', sent_at = now(), error = NULL,
+                     message_id = CASE WHEN id = $1 THEN $5 ELSE message_id END
+                 WHERE status = 'pending' AND chat_id = $2
+                   AND (id = $1 OR (subject = $3 AND action = $4 AND action <> 'send' AND id <= $6))",
+            )
+            .bind(row.id)
+            .bind(row.chat_id)
+            .bind(&row.subject)
+            .bind(&row.action)
+            .bind(message_id.map(i64::from))
+            .bind(covered)
+            .execute(&self.pool)
+            .await;
+            match result {
+                Ok(_) => return Ok(()),
+                Err(e) if pause < Duration::from_secs(5) => {
+                    warn!(notification = row.id, error = %e, "cannot mark a sent notification; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     async fn deliver(&self, row: &Row) -> Delivery {
         let rendered = match self.render(row).await {
             Ok(r) => r,
@@ -268,11 +390,17 @@ impl Sender {
         };
         let chat = ChatId(row.chat_id);
         let existing = if row.action == "send" {
-            None
+            Vec::new()
         } else {
-            self.message_of(row).await
+            match self.messages_of(row).await {
+                Ok(ids) => ids,
+                // Not knowing would send a second message: try later instead.
+                Err(e) => return Delivery::Transient(format!("cannot look up the message: {e}")),
+            }
         };
-        if let Some(message_id) = existing {
+        // Every message showing this prompt or card in this chat (usually one).
+        let mut shown = None;
+        for message_id in existing {
             let mut edit = self
                 .bot
                 .edit_message_text(chat, MessageId(message_id), &rendered.text)
@@ -281,16 +409,18 @@ impl Sender {
                 edit = edit.reply_markup(buttons);
             }
             match edit.await {
-                Ok(_) => return Delivery::Sent(Some(message_id)),
-                Err(RequestError::Api(ApiError::MessageNotModified)) => {
-                    return Delivery::Sent(Some(message_id));
+                Ok(_) | Err(RequestError::Api(ApiError::MessageNotModified)) => {
+                    shown = shown.or(Some(message_id));
                 }
-                // Deleted by someone: send it anew below.
+                // Deleted by someone: forget it; if none is left, send it anew below.
                 Err(RequestError::Api(
                     ApiError::MessageToEditNotFound | ApiError::MessageIdInvalid,
-                )) => {}
+                )) => self.forget_message(row, message_id).await,
                 Err(e) => return classify(e),
             }
+        }
+        if shown.is_some() {
+            return Delivery::Sent(shown);
         }
         let mut send = self
             .bot
@@ -301,6 +431,9 @@ impl Sender {
         }
         match send.await {
             Ok(message) => Delivery::Sent(Some(message.id.0)),
+            Err(RequestError::Network(e)) if !e.is_connect() => Delivery::Transient(format!(
+                "no answer from Telegram (the message may have arrived; it will be sent again): {e}"
+            )),
             Err(e) => classify(e),
         }
     }
@@ -315,8 +448,9 @@ impl Sender {
             "prompt" => render::prompt(&self.pool, id("proposal:").unwrap_or(0)).await,
             "mission" => render::mission(&self.pool, id("mission:").unwrap_or(0)).await,
             _ => match (row.body.get("text").and_then(Value::as_str), row.event_id) {
+                // Replies are split into pages when queued; this is the last guard.
                 (Some(text), _) => Ok(Rendered {
-                    text: text.to_string(),
+                    text: render::fit(text),
                     buttons: None,
                 }),
                 (None, Some(event)) => render::event(&self.pool, event).await,
@@ -325,21 +459,39 @@ impl Sender {
         }
     }
 
-    /// The message already showing this prompt or card in this chat.
-    async fn message_of(&self, row: &Row) -> Option<i32> {
-        let id: Option<i64> = sqlx::query_scalar(
-            "SELECT message_id FROM ops_notifications
+    /// The messages showing this prompt or card in this chat, oldest first.
+    async fn messages_of(&self, row: &Row) -> OpsResult<Vec<i32>> {
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT DISTINCT message_id FROM ops_notifications
              WHERE chat_id = $1 AND subject = $2 AND action = $3 AND status = 'sent' AND message_id IS NOT NULL
-             ORDER BY id DESC LIMIT 1",
+             ORDER BY message_id",
         )
         .bind(row.chat_id)
         .bind(&row.subject)
         .bind(&row.action)
-        .fetch_optional(&self.pool)
-        .await
-        .ok()
-        .flatten();
-        id.and_then(|i| i32::try_from(i).ok())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids
+            .into_iter()
+            .filter_map(|i| i32::try_from(i).ok())
+            .collect())
+    }
+
+    /// A message that is gone is not edited again.
+    async fn forget_message(&self, row: &Row, message_id: i32) {
+        let forgotten = sqlx::query(
+            "UPDATE ops_notifications SET message_id = NULL
+             WHERE chat_id = $1 AND subject = $2 AND action = $3 AND message_id = $4",
+        )
+        .bind(row.chat_id)
+        .bind(&row.subject)
+        .bind(&row.action)
+        .bind(i64::from(message_id))
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = forgotten {
+            warn!(error = %e, "cannot forget a deleted message");
+        }
     }
 }
 
@@ -364,5 +516,31 @@ fn classify(error: RequestError) -> Delivery {
         }
         // Network trouble, 5xx and anything unexpected: try again later.
         other => Delivery::Transient(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spacing_looks_without_taking_and_remembers_who_sent_last() {
+        let mut chats: Spacing<i64> = Spacing::new(SECOND, 1);
+        let now = Instant::now();
+        assert_eq!(chats.wait(1, now), Duration::ZERO);
+        // Looking costs nothing: still free.
+        assert_eq!(chats.wait(1, now), Duration::ZERO);
+        chats.take(1, now);
+        assert_eq!(chats.wait(1, now), SECOND);
+        assert_eq!(
+            chats.wait(2, now),
+            Duration::ZERO,
+            "another chat is not held back"
+        );
+        assert_eq!(chats.wait(1, now + SECOND), Duration::ZERO);
+        // Round-robin: a chat that never sent sorts before one that did.
+        assert!(chats.last(2) < chats.last(1));
+        let groups: Spacing<i64> = Spacing::new(MINUTE, 20);
+        assert_eq!(groups.every, Duration::from_secs(3));
     }
 }

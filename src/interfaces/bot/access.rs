@@ -1,21 +1,33 @@
 //! Who is talking, what they may do, and how fast.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use teloxide::types::User as TgUser;
 
 use crate::notify::escape;
 use crate::policy::TelegramPolicy;
 use crate::users::{self, Role, User};
 
+/// A stranger is told "not authorized" at most once per this window; what they send
+/// meanwhile is dropped, not queued, so a flood costs the outbox one message.
+pub const STRANGER_WINDOW: Duration = Duration::from_secs(10 * 60);
+
+/// Answers to all strangers together, per minute: many accounts flooding at once cost
+/// the outbox at most this much (a stranger not answered now is answered later).
+const STRANGER_ANSWERS_PER_MINUTE: u32 = 30;
+
 pub struct Limiter {
     any: DefaultKeyedRateLimiter<i64>,
     propose: DefaultKeyedRateLimiter<i64>,
     /// Users already told to slow down since their last accepted command.
     told: Mutex<HashSet<i64>>,
+    /// When each stranger was last answered.
+    strangers: Mutex<HashMap<i64, Instant>>,
+    stranger_answers: DefaultDirectRateLimiter,
 }
 
 fn quota(per_minute: u32, burst: u32) -> Quota {
@@ -38,7 +50,34 @@ impl Limiter {
             any: RateLimiter::keyed(quota(limits.commands_per_minute, limits.command_burst)),
             propose: RateLimiter::keyed(quota(limits.proposals_per_minute, limits.proposal_burst)),
             told: Mutex::new(HashSet::new()),
+            strangers: Mutex::new(HashMap::new()),
+            stranger_answers: RateLimiter::direct(quota(
+                STRANGER_ANSWERS_PER_MINUTE,
+                STRANGER_ANSWERS_PER_MINUTE,
+            )),
         }
+    }
+
+    /// Whether to answer this stranger now (at most once per `STRANGER_WINDOW`).
+    pub fn stranger(&self, user: i64) -> bool {
+        let now = Instant::now();
+        let Ok(mut answered) = self.strangers.lock() else {
+            return false;
+        };
+        if answered
+            .get(&user)
+            .is_some_and(|at| now.duration_since(*at) < STRANGER_WINDOW)
+        {
+            return false;
+        }
+        if self.stranger_answers.check().is_err() {
+            return false;
+        }
+        if answered.len() >= 1024 {
+            answered.retain(|_, at| now.duration_since(*at) < STRANGER_WINDOW);
+        }
+        answered.insert(user, now);
+        true
     }
 
     /// Any command.
@@ -107,4 +146,19 @@ pub async fn seen(
     private: bool,
 ) -> crate::error::OpsResult<Option<User>> {
     users::seen(pool, user.id.0 as i64, &display_name(user), private).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stranger_is_answered_once_per_window() {
+        let limits = Limiter::new(&TelegramPolicy::default());
+        assert!(limits.stranger(6666));
+        for _ in 0..40 {
+            assert!(!limits.stranger(6666), "the rest of a flood is dropped");
+        }
+        assert!(limits.stranger(7777), "another stranger is answered");
+    }
 }

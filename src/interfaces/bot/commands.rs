@@ -87,27 +87,30 @@ pub async fn on_message(msg: Message, state: Arc<BotState>) -> HandlerResult {
     let private = msg.chat.is_private();
     let user = access::seen(&state.pool, from, private).await?;
     let id = from.id.0 as i64;
-    let command = match Command::parse(text, &state.username) {
-        Ok(command) => command,
+    let parsed = match Command::parse(text, &state.username) {
         // `/cmd@otherbot` in a group is not for us.
         Err(ParseError::WrongBotName(_)) => return Ok(()),
         Err(_) if !private && !addressed_to_us(text, &state.username) => return Ok(()),
-        Err(error) => {
-            let answer = match user {
-                None => access::not_authorized(id),
-                Some(_) => misunderstood(text, error),
-            };
-            return reply(&state, chat, &answer).await;
-        }
+        parsed => parsed,
     };
+    // A stranger learns their id, at most once per window; the rest is dropped unqueued,
+    // so a flood cannot fill the outbox ahead of everyone's messages.
     let Some(user) = user else {
-        return reply(&state, chat, &access::not_authorized(id)).await;
+        if state.limits.stranger(id) {
+            return reply(&state, chat, &access::not_authorized(id)).await;
+        }
+        return Ok(());
     };
+    // Every message counts against the user's limit, those not understood too.
     match state.limits.command(id) {
         Pace::Ok => {}
         Pace::Ignore => return Ok(()),
         Pace::TellToSlowDown => return reply(&state, chat, super::SLOW_DOWN).await,
     }
+    let command = match parsed {
+        Ok(command) => command,
+        Err(error) => return reply(&state, chat, &misunderstood(text, error)).await,
+    };
     let answer = match access::refuse(Some(&user), id, command.needs()) {
         Some(refusal) => refusal,
         None => match handle(&state, &user, from, private, command).await {
@@ -147,6 +150,7 @@ fn misunderstood(text: &str, error: ParseError) -> String {
     }
 }
 
+/// Queue an answer; one too long for a Telegram message goes as several.
 async fn reply(state: &BotState, chat: i64, text: &str) -> HandlerResult {
     let mut conn = state.pool.acquire().await?;
     notify::enqueue_text(&mut conn, chat, text).await?;

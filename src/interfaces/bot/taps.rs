@@ -11,7 +11,7 @@ use super::{BotState, HandlerResult};
 use crate::approvals::{self, Decision};
 use crate::error::OpsError;
 use crate::events::sources;
-use crate::notify::cut;
+use crate::notify::{self, cut};
 use crate::users::Role;
 
 /// `a:12` → (Approve, 12). Anything else is refused.
@@ -30,12 +30,26 @@ pub fn parse_data(data: &str) -> Option<(Decision, i64)> {
 }
 
 pub async fn on_tap(bot: Bot, q: CallbackQuery, state: Arc<BotState>) -> HandlerResult {
+    adopt(&state, &q).await;
     let answer = decide(&state, &q).await;
     // Callback answers are short (Telegram shows at most 200 characters).
     bot.answer_callback_query(q.id.clone())
         .text(cut(&answer, 190))
         .await?;
     Ok(())
+}
+
+/// A tap on a prompt message we have no record of (sent twice, Telegram's answer to the
+/// first send lost) makes it known, so the proposal's edits reach it too.
+async fn adopt(state: &BotState, q: &CallbackQuery) {
+    let message = q.message.as_ref().and_then(|m| m.regular_message());
+    let proposal = q.data.as_deref().and_then(parse_data);
+    if let (Some(message), Some((_, proposal))) = (message, proposal)
+        && let Err(e) =
+            notify::adopt_prompt(&state.pool, message.chat.id.0, message.id.0, proposal).await
+    {
+        tracing::warn!(error = %e, "cannot record a tapped prompt");
+    }
 }
 
 async fn decide(state: &BotState, q: &CallbackQuery) -> String {
