@@ -75,7 +75,8 @@ impl Singleton {
 
     /// Take the lock if it is free, on a new connection. `None`: someone else holds it.
     pub async fn try_acquire(&self) -> anyhow::Result<Option<Held>> {
-        tokio::time::timeout(self.lease, self.connect_and_lock())
+        // As long as the pool waits for a connection.
+        tokio::time::timeout(Duration::from_secs(10), self.connect_and_lock())
             .await
             .with_context(|| format!("taking the {} lock timed out", self.name))?
     }
