@@ -639,9 +639,15 @@ async fn a_reply_too_long_for_one_message_arrives_whole_in_several() {
     let w = world().await;
     let ids: Vec<i64> = (0..150).map(|i| 7_000_000_000 + i).collect();
     for id in &ids {
-        opsloop::users::grant(&w.db.pool, *id, "viewer".parse().expect("role"))
-            .await
-            .expect("grant");
+        opsloop::users::grant(
+            &w.db.pool,
+            *id,
+            "viewer".parse().expect("role"),
+            opsloop::domain::vocab::Source::Cli,
+            "test",
+        )
+        .await
+        .expect("grant");
         // A name as long as people's names get, with characters outside the BMP.
         let name = format!("Someone With A Rather Long Name 🙂 {id}");
         opsloop::users::seen(&w.db.pool, *id, &name, false)
@@ -682,4 +688,43 @@ async fn a_reply_too_long_for_one_message_arrives_whole_in_several() {
             .await
             .expect("count");
     assert_eq!(failed, 0, "nothing refused by Telegram");
+}
+
+/// "Promises kept" 1: a failed `getMe` once left the poller's lock on a pooled
+/// connection, where another part of the daemon (the outbox's LISTEN) kept it, so no
+/// host ever polled again. Now the poller tries again and polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_starts_after_get_me_failed_once() {
+    let db = test_db().await;
+    let fake = FakeTelegram::start().await;
+    fake.fail_next(
+        "getme",
+        1,
+        support::fake_telegram::Fault::Api {
+            code: 400,
+            description: "Bad Request: a test fault".into(),
+        },
+    );
+    let _daemon = start_daemon(&db, &fake, FAST);
+    let polled = fake
+        .wait_for(Duration::from_secs(60), |f| {
+            f.requests().iter().any(|r| r.method == "getupdates")
+        })
+        .await;
+    let methods: Vec<String> = fake.requests().into_iter().map(|r| r.method).collect();
+    assert!(polled, "no getUpdates after a failed getMe: {methods:?}");
+    assert!(
+        methods.iter().filter(|m| *m == "getme").count() >= 2,
+        "{methods:?}"
+    );
+    fake.send_text(Chat::private(ADMIN), user(ADMIN), "/whoami");
+    assert!(
+        fake.wait_for(Duration::from_secs(30), |f| f
+            .sent_messages(ADMIN)
+            .iter()
+            .any(|m| m.text.contains("role <b>admin</b>")))
+            .await,
+        "the bot does not answer: {:?}",
+        fake.sent_messages(ADMIN)
+    );
 }

@@ -206,9 +206,15 @@ steps = [ { name = "n", kind = "noop" } ]
 
 /// A daemon with PROMPT_POLICY; the admin (and Ann, a viewer) have started the bot.
 async fn started(db: &support::TestDb, fake: &FakeTelegram) -> Daemon {
-    opsloop::users::grant(&db.pool, ANN, "viewer".parse().expect("role"))
-        .await
-        .expect("grant");
+    opsloop::users::grant(
+        &db.pool,
+        ANN,
+        "viewer".parse().expect("role"),
+        opsloop::domain::vocab::Source::Cli,
+        "test",
+    )
+    .await
+    .expect("grant");
     let daemon = Daemon::start(db, fake, PROMPT_POLICY, &ADMIN.to_string());
     for (id, name) in [(ADMIN, "Ada"), (ANN, "Ann")] {
         fake.send_text(Chat::private(id), User::new(id, name), "/start");
@@ -351,8 +357,10 @@ async fn a_prompt_sent_twice_after_a_lost_answer_is_edited_in_both_places() {
             == 2)
             .await
     );
+    let policy = opsloop::policy::parse(PROMPT_POLICY).expect("policy");
     opsloop::approvals::decide(
         &db.pool,
+        &policy,
         second,
         "cli:ops",
         opsloop::approvals::Decision::Approve,

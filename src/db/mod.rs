@@ -1,7 +1,10 @@
 //! The database: connecting (to `DATABASE_URL` or the embedded cluster), migrations,
-//! and the advisory-lock keys that make singletons across hosts.
+//! the advisory-lock keys (`locks`) and the singletons they make across hosts
+//! (`singleton`).
 
 pub mod embedded;
+pub mod locks;
+pub mod singleton;
 
 use std::time::Duration;
 
@@ -13,19 +16,6 @@ use crate::config::{Settings, redact_url};
 use embedded::EmbeddedPostgres;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// Advisory lock keys. One place, so two features never share a key by accident.
-pub mod locks {
-    /// Serialises proposal creation so gates (caps, dedupe, max_pending) see a
-    /// consistent count. Transaction-scoped.
-    pub const PROPOSALS: i64 = 0x6f70_0001;
-    /// One heartbeat tick at a time across all hosts. Transaction-scoped.
-    pub const HEARTBEAT: i64 = 0x6f70_0002;
-    /// One `getUpdates` poller per bot token across all hosts. Session-scoped.
-    pub const TELEGRAM_POLLER: i64 = 0x6f70_0003;
-    /// One outbox sender at a time. Session-scoped.
-    pub const OUTBOX: i64 = 0x6f70_0004;
-}
 
 /// NOTIFY channels.
 pub mod channels {

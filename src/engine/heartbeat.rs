@@ -1,18 +1,21 @@
 //! The heartbeat tick (design §5): due triggers → unprocessed events through the
 //! reactions → expired leases recovered → pending proposals expired → missions
 //! finalized → one `ops_action_runs` row. One tick at a time across all hosts: a
-//! session advisory lock, released on disconnect if the holder dies.
+//! session advisory lock taken for the tick on a connection of its own
+//! (`db::singleton`), released when the tick ends or the holder dies. The tick checks
+//! it still holds the lock before each phase, and stops at the first phase it does not.
 
 use std::time::Instant;
 
 use chrono::Utc;
 use serde::Serialize;
 use serde_json::json;
-use sqlx::{PgPool, Postgres, pool::PoolConnection};
+use sqlx::PgPool;
 
 use crate::approvals;
 use crate::db::locks;
-use crate::error::OpsResult;
+use crate::db::singleton::{Held, Singleton};
+use crate::error::{OpsError, OpsResult};
 use crate::events::{self, NewEvent, sources};
 use crate::gates;
 use crate::missions::progress;
@@ -50,27 +53,26 @@ pub async fn tick(pool: &PgPool, policy: &Policy) -> OpsResult<TickSummary> {
 }
 
 async fn tick_locked(pool: &PgPool, policy: &Policy) -> OpsResult<TickSummary> {
-    let mut lock: PoolConnection<Postgres> = pool.acquire().await?;
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(locks::HEARTBEAT)
-        .fetch_one(&mut *lock)
-        .await?;
-    if !got {
+    let Some(held) = Singleton::new(pool, locks::HEARTBEAT, "heartbeat")
+        .try_acquire()
+        .await?
+    else {
         return Ok(TickSummary::default());
-    }
-    let outcome = phases(pool, policy).await;
-    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(locks::HEARTBEAT)
-        .execute(&mut *lock)
-        .await;
-    if unlocked.is_err() {
-        // Never hand a connection that may still hold the lock back to the pool.
-        let _ = lock.detach();
-    }
+    };
+    let outcome = phases(pool, policy, &held).await;
+    held.release().await;
     outcome
 }
 
-async fn phases(pool: &PgPool, policy: &Policy) -> OpsResult<TickSummary> {
+/// Stop before `phase` unless this tick still holds the heartbeat lock: another host may
+/// be ticking, and reaction cooldowns and batch limits hold only for one tick at a time.
+async fn still_holding(held: &Held, phase: &str) -> OpsResult<()> {
+    held.ensure()
+        .await
+        .map_err(|lost| OpsError::Other(anyhow::anyhow!("{lost}; the tick stopped before {phase}")))
+}
+
+async fn phases(pool: &PgPool, policy: &Policy, held: &Held) -> OpsResult<TickSummary> {
     let started = Instant::now();
     let started_at = Utc::now();
     let mut s = TickSummary {
@@ -78,16 +80,23 @@ async fn phases(pool: &PgPool, policy: &Policy) -> OpsResult<TickSummary> {
         ..TickSummary::default()
     };
     let paused = gates::is_paused(&mut *pool.acquire().await?).await?;
+    still_holding(held, "triggers").await?;
     s.triggers_fired = triggers::fire_due(pool, policy, Utc::now(), paused).await?;
+    still_holding(held, "reactions").await?;
     let r = reactions::process(pool, policy, paused).await?;
     s.events_processed = r.events;
     s.reactions_proposed = r.proposed;
     s.reactions_skipped = r.skipped;
+    still_holding(held, "lease recovery").await?;
     (s.leases_recovered, s.steps_failed) = recover_leases(pool, policy).await?;
+    still_holding(held, "proposal expiry").await?;
     s.proposals_expired = expire_proposals(pool).await?;
+    still_holding(held, "finalization").await?;
     s.missions_finalized = finalize_missions(pool).await?;
+    still_holding(held, "retention").await?;
     s.deleted = retention::enforce(pool, &policy.retention).await?;
     s.duration_ms = started.elapsed().as_millis() as u64;
+    still_holding(held, "the tick's record").await?;
     sqlx::query(
         "INSERT INTO ops_action_runs (kind, outcome, summary, started_at, finished_at)
          VALUES ('tick', 'ok', $1, $2, now())",

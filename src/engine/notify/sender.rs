@@ -21,14 +21,15 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sqlx::{PgPool, Postgres, pool::PoolConnection, postgres::PgListener};
+use sqlx::{PgPool, postgres::PgListener};
 use teloxide::prelude::*;
 use teloxide::types::{MessageId, ParseMode};
 use teloxide::{ApiError, RequestError};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::render::{self, Rendered};
+use crate::db::singleton::Singleton;
 use crate::db::{self, channels, locks};
 use crate::error::OpsResult;
 use crate::policy::TelegramPolicy;
@@ -153,42 +154,21 @@ impl Sender {
 
     /// Send until `shutdown`, while holding the outbox lock; wait for it otherwise.
     pub async fn run(self, shutdown: CancellationToken) {
-        while !shutdown.is_cancelled() {
-            match self.hold_lock().await {
-                Ok(Some(lock)) => {
-                    info!("outbox sender active");
-                    if let Err(e) = self.serve(lock, &shutdown).await {
-                        warn!(error = %e, "outbox sender stopped; retrying");
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => warn!(error = %e, "outbox lock unavailable; retrying"),
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            }
-        }
+        let singleton = Singleton::new(&self.pool, locks::OUTBOX, "outbox sender");
+        let sender = std::sync::Arc::new(self);
+        singleton
+            .run(&shutdown, |stop| {
+                let sender = sender.clone();
+                async move { sender.serve(&stop).await }
+            })
+            .await;
     }
 
-    async fn hold_lock(&self) -> OpsResult<Option<PoolConnection<Postgres>>> {
-        let mut conn = self.pool.acquire().await?;
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(locks::OUTBOX)
-            .fetch_one(&mut *conn)
-            .await?;
-        Ok(got.then_some(conn))
-    }
-
-    async fn serve(
-        &self,
-        mut lock: PoolConnection<Postgres>,
-        shutdown: &CancellationToken,
-    ) -> OpsResult<()> {
+    /// Send until `stop` (shutdown, or this process lost the outbox lock).
+    async fn serve(&self, stop: &CancellationToken) -> OpsResult<()> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(channels::OUTBOX).await?;
-        let mut alive = tokio::time::interval(Duration::from_secs(5));
-        let result = loop {
+        loop {
             let wait = match self.round().await {
                 Ok(wait) => wait,
                 Err(e) => {
@@ -197,22 +177,11 @@ impl Sender {
                 }
             };
             tokio::select! {
-                _ = shutdown.cancelled() => break Ok(()),
+                _ = stop.cancelled() => return Ok(()),
                 _ = listener.try_recv() => {}
                 _ = tokio::time::sleep(wait) => {}
-                _ = alive.tick() => {
-                    // Losing the lock's connection means another process may send now.
-                    if let Err(e) = sqlx::query("SELECT 1").execute(&mut *lock).await {
-                        break Err(e.into());
-                    }
-                }
             }
-        };
-        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(locks::OUTBOX)
-            .execute(&mut *lock)
-            .await;
-        result
+        }
     }
 
     /// Send what the limits allow now; return how long to wait before the next round.

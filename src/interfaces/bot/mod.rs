@@ -1,7 +1,7 @@
 //! The Telegram bot (design §6): one dptree handler tree, handlers as plain async
 //! functions calling the same library functions as the CLI. Replies go through the
 //! outbox; button taps are answered at once. Only one process polls a token at a time
-//! (advisory lock); another takes over when it dies.
+//! (`db::singleton`); another takes over when it dies or loses the lock.
 
 mod access;
 mod commands;
@@ -26,6 +26,7 @@ pub const SLOW_DOWN: &str =
     "🐢 Too many commands; slow down a little, I will answer again shortly.";
 
 use crate::db::locks;
+use crate::db::singleton::Singleton;
 use crate::policy::store::PolicyCache;
 
 /// What every handler may use.
@@ -64,55 +65,25 @@ pub async fn run(
     policy: PolicyCache,
     shutdown: CancellationToken,
 ) {
-    let key = token_key(token);
-    while !shutdown.is_cancelled() {
-        match poll_while_leader(&pool, &bot, key, &policy, &shutdown).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, "Telegram poller stopped; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                }
-            }
-        }
-    }
+    Singleton::new(&pool, locks::telegram_poller(token), "Telegram poller")
+        .run(&shutdown, |stop| {
+            let (pool, bot, policy) = (pool.clone(), bot.clone(), policy.clone());
+            async move { poll(&pool, &bot, &policy, stop).await }
+        })
+        .await;
 }
 
-/// A lock key per token that does not reveal the token (FNV-1a).
-fn token_key(token: &str) -> i32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for b in token.bytes() {
-        hash ^= u32::from(b);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    hash as i32
-}
-
-/// Returns Ok(false) when another process holds the lock.
-async fn poll_while_leader(
+/// Poll until `stop` (shutdown, or this process lost the poller's lock).
+async fn poll(
     pool: &PgPool,
     bot: &Bot,
-    key: i32,
     policy: &PolicyCache,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<bool> {
-    let mut lock = pool.acquire().await?;
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1::int, $2::int)")
-        .bind(locks::TELEGRAM_POLLER as i32)
-        .bind(key)
-        .fetch_one(&mut *lock)
-        .await?;
-    if !got {
-        return Ok(false);
-    }
-    let me = bot.get_me().await?;
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let me = tokio::select! {
+        me = bot.get_me() => me?,
+        _ = stop.cancelled() => return Ok(()),
+    };
     let username = me.username.clone().unwrap_or_default();
     info!(bot = %username, "Telegram poller active");
     if let Err(e) = bot.set_my_commands(Command::bot_commands()).await {
@@ -128,55 +99,32 @@ async fn poll_while_leader(
         .dependencies(dptree::deps![state])
         .default_handler(|_| async {})
         .build();
-    let stop = dispatcher.shutdown_token();
+    let dispatching = dispatcher.shutdown_token();
     let listener = Polling::builder(bot.clone())
         .timeout(Duration::from_secs(10))
         .delete_webhook()
         .await
         .build();
-    let lost = CancellationToken::new();
-    let watcher = {
-        let (shutdown, lost) = (shutdown.clone(), lost.clone());
-        async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(2));
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => {
-                        // The lock lives with this connection: if it is gone, so is our turn.
-                        if sqlx::query("SELECT 1").execute(&mut *lock).await.is_err() {
-                            warn!("lost the Telegram poller lock's connection");
-                            lost.cancel();
-                            break;
-                        }
-                    }
+    let stopper = tokio::spawn(async move {
+        stop.cancelled().await;
+        // Wait until the dispatcher accepts the shutdown (it may still be starting).
+        loop {
+            match dispatching.shutdown() {
+                Ok(done) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(15), done).await;
+                    break;
                 }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
-            // Wait until the dispatcher accepts the shutdown (it may still be starting).
-            loop {
-                match stop.shutdown() {
-                    Ok(done) => {
-                        let _ = tokio::time::timeout(Duration::from_secs(15), done).await;
-                        break;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-            let _ = sqlx::query("SELECT pg_advisory_unlock($1::int, $2::int)")
-                .bind(locks::TELEGRAM_POLLER as i32)
-                .bind(key)
-                .execute(&mut *lock)
-                .await;
         }
-    };
-    let watcher = tokio::spawn(watcher);
+    });
     dispatcher
         .dispatch_with_listener(
             listener,
             LoggingErrorHandler::with_custom_text("Telegram polling"),
         )
         .await;
-    let _ = watcher.await;
+    stopper.abort();
     info!("Telegram poller stopped");
-    Ok(!lost.is_cancelled())
+    Ok(())
 }
