@@ -148,3 +148,98 @@ async fn policy_apply_writes_its_event_or_nothing() {
     assert_eq!(stored.version, v1, "the refused apply left the old version");
     assert!(stored.source.contains("max_pending = 5"));
 }
+
+#[tokio::test]
+async fn pause_and_resume_write_their_events_once() {
+    let db = test_db().await;
+    let mut conn = db.pool.acquire().await.expect("conn");
+    use opsloop::engine::gates;
+    assert!(
+        gates::set_paused(&mut conn, true, Source::Cli, "cli:ann")
+            .await
+            .expect("pause")
+    );
+    assert!(
+        !gates::set_paused(&mut conn, true, Source::Cli, "cli:ann")
+            .await
+            .expect("pause again")
+    );
+    assert!(gates::is_paused(&mut conn).await.expect("read"));
+    assert!(
+        gates::set_paused(&mut conn, false, Source::Telegram, "tg:7")
+            .await
+            .expect("resume")
+    );
+    assert!(!gates::is_paused(&mut conn).await.expect("read"));
+    let paused: Vec<(String, serde_json::Value)> = sqlx::query_as(
+        "SELECT source, payload FROM ops_agent_events WHERE kind IN ('system.paused', 'system.resumed') ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("events");
+    assert_eq!(paused.len(), 2, "{paused:?}");
+    assert_eq!(paused[0].0, "cli");
+    assert_eq!(paused[0].1["by"], "cli:ann");
+    assert_eq!(paused[1].0, "telegram");
+}
+
+#[tokio::test]
+async fn a_pause_whose_event_fails_leaves_the_switch_as_it_was() {
+    let db = test_db().await;
+    refuse_events(&db, "system.paused").await;
+    let mut conn = db.pool.acquire().await.expect("conn");
+    use opsloop::engine::gates;
+    assert!(
+        gates::set_paused(&mut conn, true, Source::Cli, "cli:ann")
+            .await
+            .is_err()
+    );
+    assert!(!gates::is_paused(&mut conn).await.expect("read"));
+}
+
+#[tokio::test]
+async fn resuming_a_template_writes_its_event_or_nothing() {
+    let db = test_db().await;
+    use opsloop::engine::gates;
+    let mut conn = db.pool.acquire().await.expect("conn");
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.expect("tx");
+    gates::pause_template(&mut tx, "hello", 2)
+        .await
+        .expect("pause template");
+    tx.commit().await.expect("commit");
+    assert_eq!(events(&db, "template.paused").await.len(), 1);
+
+    refuse_events(&db, "template.resumed").await;
+    assert!(
+        gates::resume_template(&mut conn, "hello", Source::Cli, "cli:ann")
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        gates::paused_templates(&mut conn).await.expect("read"),
+        vec!["hello".to_string()]
+    );
+    sqlx::query("DROP TRIGGER test_refuse ON ops_agent_events")
+        .execute(&db.pool)
+        .await
+        .expect("drop trigger");
+    assert!(
+        gates::resume_template(&mut conn, "hello", Source::Cli, "cli:ann")
+            .await
+            .expect("resume")
+    );
+    assert!(
+        !gates::resume_template(&mut conn, "hello", Source::Cli, "cli:ann")
+            .await
+            .expect("resume again")
+    );
+    let resumed = events(&db, "template.resumed").await;
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(resumed[0]["by"], "cli:ann");
+    assert!(
+        gates::paused_templates(&mut conn)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+}

@@ -29,6 +29,15 @@ pub mod channels {
     pub const OUTBOX: &str = "ops_outbox";
 }
 
+/// NOTIFY `channel` in the caller's transaction: listeners hear it on commit.
+pub async fn notify(conn: &mut sqlx::PgConnection, channel: &str) -> crate::error::OpsResult<()> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(channel)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// An open database: the pool, and the embedded cluster when this process started one
 /// (it is stopped when this value is dropped).
 pub struct Database {

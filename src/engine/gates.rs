@@ -5,11 +5,14 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 
+use crate::db::{self, channels};
+use crate::domain::vocab::{EventKind, Source};
 use crate::error::OpsResult;
 use crate::events::{self, NewEvent};
 use crate::policy::{Policy, Template};
+use crate::store;
 
 /// Why a proposal was refused: the gate's name and a sentence for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,99 +149,75 @@ fn round_secs(d: std::time::Duration) -> std::time::Duration {
     std::time::Duration::from_secs(d.as_secs().max(1))
 }
 
-pub async fn is_paused(conn: &mut PgConnection) -> OpsResult<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT coalesce((SELECT (value->>'paused')::boolean FROM ops_policy WHERE key = 'paused'), false)",
-    )
-    .fetch_one(conn)
-    .await?)
-}
+pub use crate::store::policy::{is_paused, paused_templates, template_paused};
 
-/// The pause switch. Returns false when it was already in that position.
-pub async fn set_paused(conn: &mut PgConnection, paused: bool, by: &str) -> OpsResult<bool> {
-    let was = is_paused(conn).await?;
-    if was == paused {
+/// The pause switch, with its `system.paused` / `system.resumed` event, in one
+/// transaction. Returns false when it was already in that position.
+pub async fn set_paused(
+    conn: &mut PgConnection,
+    paused: bool,
+    source: Source,
+    by: &str,
+) -> OpsResult<bool> {
+    let mut tx = conn.begin().await?;
+    if !store::policy::switch_pause(&mut tx, paused, by).await? {
         return Ok(false);
     }
-    sqlx::query(
-        "INSERT INTO ops_policy (key, value, updated_at) VALUES ('paused', $1, now())
-         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
-    )
-    .bind(json!({ "paused": paused, "by": by }))
-    .execute(&mut *conn)
-    .await?;
     let kind = if paused {
-        "system.paused"
+        EventKind::SystemPaused
     } else {
-        "system.resumed"
+        EventKind::SystemResumed
     };
     events::emit(
-        conn,
-        NewEvent::new(kind, by.to_string()).payload(json!({ "by": by })),
+        &mut tx,
+        NewEvent::new(kind, source).payload(json!({ "by": by })),
     )
     .await?;
     if !paused {
         // Steps queued while paused are claimable again.
-        sqlx::query("SELECT pg_notify('ops_steps_ready', '')")
-            .execute(&mut *conn)
-            .await?;
+        db::notify(&mut tx, channels::STEPS_READY).await?;
     }
+    tx.commit().await?;
     Ok(true)
 }
 
-async fn template_paused(conn: &mut PgConnection, template: &str) -> OpsResult<Option<i64>> {
-    Ok(sqlx::query_scalar(
-        "SELECT (value->$1->>'failures')::bigint FROM ops_policy WHERE key = 'paused_templates'",
-    )
-    .bind(template)
-    .fetch_optional(conn)
-    .await?
-    .flatten())
-}
-
-/// Pause a template after `failures` failed missions in a row (pause_after_failures).
+/// Pause a template after `failures` failed missions in a row (pause_after_failures),
+/// in the caller's transaction, with its `template.paused` event.
 pub async fn pause_template(
     conn: &mut PgConnection,
     template: &str,
     failures: i64,
 ) -> OpsResult<()> {
-    sqlx::query(
-        "INSERT INTO ops_policy (key, value, updated_at)
-         VALUES ('paused_templates', jsonb_build_object($1::text, jsonb_build_object('failures', $2::bigint, 'at', now())), now())
-         ON CONFLICT (key) DO UPDATE
-           SET value = ops_policy.value || EXCLUDED.value, updated_at = now()",
-    )
-    .bind(template)
-    .bind(failures)
-    .execute(&mut *conn)
-    .await?;
+    store::policy::pause_template(conn, template, failures).await?;
     events::emit(
         conn,
-        NewEvent::new("template.paused", events::sources::HEARTBEAT)
+        NewEvent::new(EventKind::TemplatePaused, Source::Heartbeat)
             .payload(json!({ "template": template, "failures": failures })),
     )
     .await?;
     Ok(())
 }
 
-/// Lift a template's pause. Returns whether it was paused.
-pub async fn resume_template(conn: &mut PgConnection, template: &str) -> OpsResult<bool> {
-    let done = sqlx::query(
-        "UPDATE ops_policy SET value = value - $1, updated_at = now()
-         WHERE key = 'paused_templates' AND value ? $1",
+/// Lift a template's pause, with its `template.resumed` event, in one transaction.
+/// Returns whether it was paused.
+pub async fn resume_template(
+    conn: &mut PgConnection,
+    template: &str,
+    source: Source,
+    by: &str,
+) -> OpsResult<bool> {
+    let mut tx = conn.begin().await?;
+    if !store::policy::resume_template(&mut tx, template).await? {
+        return Ok(false);
+    }
+    events::emit(
+        &mut tx,
+        NewEvent::new(EventKind::TemplateResumed, source)
+            .payload(json!({ "template": template, "by": by })),
     )
-    .bind(template)
-    .execute(conn)
     .await?;
-    Ok(done.rows_affected() > 0)
-}
-
-pub async fn paused_templates(conn: &mut PgConnection) -> OpsResult<Vec<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT jsonb_object_keys(value) FROM ops_policy WHERE key = 'paused_templates' ORDER BY 1",
-    )
-    .fetch_all(conn)
-    .await?)
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// A pending proposal, or one whose mission runs, with the same template and params.

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::RwLock;
 
 use crate::domain::policy::{NotifyPolicy, Policy, parse};
@@ -178,6 +178,92 @@ impl PolicyCache {
         *self.inner.write().await = applied;
         Ok(version)
     }
+}
+
+// The pause switch and paused templates, also kept in `ops_policy`.
+
+/// The pause switch as an SQL expression: every statement that reads it uses this one.
+macro_rules! paused_sql {
+    () => {
+        "coalesce((SELECT (value->>'paused')::boolean FROM ops_policy WHERE key = 'paused'), false)"
+    };
+}
+#[allow(unused_imports)] // the worker's claim reads the switch through it too
+pub(crate) use paused_sql;
+
+pub async fn is_paused(conn: &mut PgConnection) -> OpsResult<bool> {
+    Ok(sqlx::query_scalar(concat!("SELECT ", paused_sql!()))
+        .fetch_one(conn)
+        .await?)
+}
+
+/// Put the switch in position `paused`. Returns false when it was there already.
+/// Concurrent flips serialize on the switch's row.
+pub async fn switch_pause(conn: &mut PgConnection, paused: bool, by: &str) -> OpsResult<bool> {
+    sqlx::query(
+        "INSERT INTO ops_policy (key, value, updated_at)
+         VALUES ('paused', '{\"paused\": false}', now()) ON CONFLICT (key) DO NOTHING",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let switched = sqlx::query(
+        "UPDATE ops_policy SET value = $1, updated_at = now()
+         WHERE key = 'paused' AND coalesce((value->>'paused')::boolean, false) IS DISTINCT FROM $2",
+    )
+    .bind(serde_json::json!({ "paused": paused, "by": by }))
+    .bind(paused)
+    .execute(conn)
+    .await?;
+    Ok(switched.rows_affected() > 0)
+}
+
+/// A paused template's count of failures in a row, if it is paused.
+pub async fn template_paused(conn: &mut PgConnection, template: &str) -> OpsResult<Option<i64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT (value->$1->>'failures')::bigint FROM ops_policy WHERE key = 'paused_templates'",
+    )
+    .bind(template)
+    .fetch_optional(conn)
+    .await?
+    .flatten())
+}
+
+pub async fn pause_template(
+    conn: &mut PgConnection,
+    template: &str,
+    failures: i64,
+) -> OpsResult<()> {
+    sqlx::query(
+        "INSERT INTO ops_policy (key, value, updated_at)
+         VALUES ('paused_templates', jsonb_build_object($1::text, jsonb_build_object('failures', $2::bigint, 'at', now())), now())
+         ON CONFLICT (key) DO UPDATE
+           SET value = ops_policy.value || EXCLUDED.value, updated_at = now()",
+    )
+    .bind(template)
+    .bind(failures)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Lift a template's pause. Returns whether it was paused.
+pub async fn resume_template(conn: &mut PgConnection, template: &str) -> OpsResult<bool> {
+    let done = sqlx::query(
+        "UPDATE ops_policy SET value = value - $1, updated_at = now()
+         WHERE key = 'paused_templates' AND value ? $1",
+    )
+    .bind(template)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+pub async fn paused_templates(conn: &mut PgConnection) -> OpsResult<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT jsonb_object_keys(value) FROM ops_policy WHERE key = 'paused_templates' ORDER BY 1",
+    )
+    .fetch_all(conn)
+    .await?)
 }
 
 #[cfg(test)]

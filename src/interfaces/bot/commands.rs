@@ -283,7 +283,7 @@ async fn handle(
         ),
         Command::Pause => {
             let mut conn = pool.acquire().await?;
-            if gates::set_paused(&mut conn, true, &me).await? {
+            if gates::set_paused(&mut conn, true, Source::Telegram, &me).await? {
                 "⏸ Paused: triggers, reactions and step claims stop; running steps finish.".into()
             } else {
                 "Already paused.".into()
@@ -293,13 +293,16 @@ async fn handle(
             let mut conn = pool.acquire().await?;
             match args.split_whitespace().next() {
                 None => {
-                    if gates::set_paused(&mut conn, false, &me).await? {
+                    if gates::set_paused(&mut conn, false, Source::Telegram, &me).await? {
                         "▶️ Resumed.".into()
                     } else {
                         "Not paused.".into()
                     }
                 }
-                Some(template) if gates::resume_template(&mut conn, template).await? => {
+                Some(template)
+                    if gates::resume_template(&mut conn, template, Source::Telegram, &me)
+                        .await? =>
+                {
                     format!("▶️ Template {} resumed.", escape(template))
                 }
                 Some(template) => format!("Template {} is not paused.", escape(&cut(template, 64))),

@@ -182,7 +182,7 @@ async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsRes
         }
         Command::Pause { actor } => {
             let mut conn = pool.acquire().await?;
-            let changed = gates::set_paused(&mut conn, true, &whoami(actor)?).await?;
+            let changed = gates::set_paused(&mut conn, true, Source::Cli, &whoami(actor)?).await?;
             println!("{}", if changed { "paused" } else { "already paused" });
             Ok(0)
         }
@@ -191,16 +191,16 @@ async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsRes
             actor,
         } => {
             let mut conn = pool.acquire().await?;
-            let changed = gates::set_paused(&mut conn, false, &whoami(actor)?).await?;
+            let changed = gates::set_paused(&mut conn, false, Source::Cli, &whoami(actor)?).await?;
             println!("{}", if changed { "resumed" } else { "not paused" });
             Ok(0)
         }
         Command::Resume {
             template: Some(name),
-            actor: _,
+            actor,
         } => {
             let mut conn = pool.acquire().await?;
-            if gates::resume_template(&mut conn, &name).await? {
+            if gates::resume_template(&mut conn, &name, Source::Cli, &whoami(actor)?).await? {
                 println!("template {name} resumed");
                 Ok(0)
             } else {
