@@ -67,6 +67,10 @@ params.file = { pattern = '^/[A-Za-z0-9/_.-]+$', help = "a file" }
 steps = [ { name = "late", kind = "shell",
             run = ["sh", "-c", "echo run $OPSLOOP_ATTEMPT >> \"$OPSLOOP_PARAM_FILE\"; sleep 30 & sleep 1; echo exiting > \"$OPSLOOP_PARAM_FILE.exit\"; exit 1"] } ]
 
+[templates.nul]
+risk = "low"
+steps = [ { name = "nul", kind = "shell", run = ["printf", "a\\000b"] }, { name = "after", kind = "noop" } ]
+
 [templates.long]
 risk = "low"
 steps = [ { name = "long", kind = "shell", run = ["sleep", "3.5"] } ]
@@ -751,4 +755,26 @@ async fn lease_recovery_racing_a_cancel_sees_it() {
     assert_eq!(step_row(&db, step.id).await, ("cancelled".into(), 1));
     let kinds = event_kinds(&db, mission).await;
     assert!(!kinds.contains(&"step.recovered".to_string()), "{kinds:?}");
+}
+
+/// A NUL byte in a step's output once made its result unstorable (PostgreSQL refuses
+/// NUL in text): the batch was retried, then dropped, and the step ran again.
+#[tokio::test]
+async fn a_nul_byte_in_output_is_stored_as_a_replacement_character() {
+    let l = start().await;
+    let mission = l.propose("nul", &[]).await;
+    assert_eq!(
+        l.wait_mission(mission, Duration::from_secs(20)).await,
+        "succeeded"
+    );
+    let (stdout, attempts): (String, i32) = sqlx::query_as(
+        "SELECT result->>'stdout', attempts FROM ops_mission_steps WHERE mission_id = $1 AND seq = 1",
+    )
+    .bind(mission)
+    .fetch_one(&l.db.pool)
+    .await
+    .expect("step");
+    assert_eq!(stdout, "a\u{FFFD}b");
+    assert_eq!(attempts, 1);
+    l.stop.cancel();
 }

@@ -247,7 +247,8 @@ impl Tail {
     }
 
     /// The kept bytes as text: when the front was cut, a partial UTF-8 sequence at the
-    /// cut is dropped; anything else invalid becomes U+FFFD.
+    /// cut is dropped; anything else invalid becomes U+FFFD, and so does NUL, which
+    /// PostgreSQL cannot store in text (one such result would fail its whole batch).
     pub(crate) fn text(&self) -> String {
         let mut bytes = &self.buf[..];
         if self.truncated {
@@ -258,7 +259,7 @@ impl Tail {
                 .count();
             bytes = &bytes[skip..];
         }
-        String::from_utf8_lossy(bytes).into_owned()
+        String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}")
     }
 }
 
