@@ -243,3 +243,18 @@ async fn resuming_a_template_writes_its_event_or_nothing() {
             .is_empty()
     );
 }
+
+/// A Telegram display name is anyone's choice, NUL included: it must not make the
+/// bot fail to see who wrote.
+#[tokio::test]
+async fn a_display_name_with_nul_is_stored() {
+    let db = test_db().await;
+    users::grant(&db.pool, 42, Role::Viewer, Source::Cli, "cli:ann")
+        .await
+        .expect("grant");
+    let user = users::seen(&db.pool, 42, "ev\0il", true)
+        .await
+        .expect("seen")
+        .expect("a user");
+    assert_eq!(user.name.as_deref(), Some("ev\u{FFFD}il"));
+}

@@ -172,6 +172,8 @@ pub async fn seen(
     name: &str,
     private: bool,
 ) -> OpsResult<Option<User>> {
+    // A display name is anyone's choice; PostgreSQL cannot store NUL in text.
+    let name = &name.replace('\0', "\u{FFFD}");
     if private {
         sqlx::query(
             "INSERT INTO ops_telegram_contacts (telegram_id, name) VALUES ($1, $2)
