@@ -442,3 +442,21 @@ steps = [ { name = "t", kind = "emit", event = "told", payload = { "k\u0000" = "
     .expect("version");
     assert_eq!(version, 1, "the bad policy was not stored");
 }
+
+/// opsloop's own event kinds drive reactions and notifications: `emit mission.failed`
+/// would fake a failure (and fire a rollback). Refused, nothing stored.
+#[tokio::test]
+async fn opsloops_own_event_kinds_cannot_be_emitted() {
+    let db = test_db().await;
+    support::apply_policy(&db).await;
+    for kind in [
+        "mission.failed",
+        "proposal.approved",
+        "step.succeeded",
+        "system.paused",
+    ] {
+        refused(&db, &["emit", kind], 2, "reserved").await;
+    }
+    let out = opsloop(&db.url, &["emit", "deploy.done"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}

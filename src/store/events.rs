@@ -111,14 +111,33 @@ pub fn validate_user_kind(kind: &str) -> OpsResult<()> {
         && kind
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(OpsError::bad_input(format!(
+    if !ok {
+        return Err(OpsError::bad_input(format!(
             "event kind {kind:?} is not valid: lowercase letters, digits and _ . - (at most 64, starting with a letter)"
-        )))
+        )));
     }
+    // opsloop's own kinds drive reactions (a rollback on `mission.failed`) and
+    // notifications: nobody may forge one.
+    let namespace = kind.split('.').next().unwrap_or(kind);
+    if RESERVED_NAMESPACES.contains(&namespace) {
+        return Err(OpsError::bad_input(format!(
+            "event kind {kind:?} is reserved: kinds starting with {} are opsloop's own; choose another first word, e.g. \"myapp.{}\"",
+            RESERVED_NAMESPACES
+                .iter()
+                .map(|n| format!("{n}."))
+                .collect::<Vec<_>>()
+                .join(" "),
+            kind.split_once('.').map_or(kind, |(_, rest)| rest),
+        )));
+    }
+    Ok(())
 }
+
+/// The first words of opsloop's own event kinds (`domain::vocab::EventKind`).
+pub const RESERVED_NAMESPACES: &[&str] = &[
+    "proposal", "mission", "step", "question", "template", "system", "budget", "policy", "user",
+    "key",
+];
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Event {
@@ -210,4 +229,17 @@ pub fn describe(event: &Event) -> String {
         line.push_str(&event.payload.to_string());
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn opsloops_own_kinds_are_reserved() {
+        for kind in crate::domain::vocab::EventKind::ALL {
+            let err = super::validate_user_kind(kind.as_str()).expect_err(kind.as_str());
+            assert!(err.to_string().contains("reserved"), "{err}");
+        }
+        assert!(super::validate_user_kind("missions.failed").is_ok());
+        assert!(super::validate_user_kind("deploy.done").is_ok());
+    }
 }
