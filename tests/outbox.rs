@@ -109,11 +109,21 @@ async fn a_burst_survives_429s_500s_drops_and_a_restart_exactly_once_in_order() 
             "chat {chat}: each once, in order"
         );
     }
-    let statuses: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, count(*) FROM ops_notifications GROUP BY status ORDER BY 1")
-            .fetch_all(&db.pool)
-            .await
-            .expect("statuses");
+    // The fake records a message before the sender marks its row sent: give the last
+    // marks a moment to land.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let statuses = loop {
+        let statuses: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT status, count(*) FROM ops_notifications GROUP BY status ORDER BY 1",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .expect("statuses");
+        if statuses.len() == 1 || std::time::Instant::now() > deadline {
+            break statuses;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(statuses.len(), 1, "every row sent: {statuses:?}");
     // Never faster than the per-chat limit. Counted over one-second windows rather than
     // between neighbours, so scheduling jitter on a busy machine cannot fail it; the
