@@ -14,7 +14,18 @@ pub enum OpsError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     #[error("{0:#}")]
-    Other(#[from] anyhow::Error),
+    Other(anyhow::Error),
+}
+
+/// An `OpsError` that travelled through `anyhow` (the daemons' start-up) keeps its
+/// kind, and so its exit code.
+impl From<anyhow::Error> for OpsError {
+    fn from(err: anyhow::Error) -> Self {
+        match err.downcast::<OpsError>() {
+            Ok(ops) => ops,
+            Err(other) => OpsError::Other(other),
+        }
+    }
 }
 
 impl OpsError {
