@@ -431,9 +431,14 @@ async fn pause_refuses_reactions_and_triggers_but_accepts_people() {
     let db = test_db().await;
     let mut conn = db.pool.acquire().await.expect("conn");
     assert!(
-        opsloop::gates::set_paused(&mut conn, true, "cli:ann")
-            .await
-            .expect("pause")
+        opsloop::gates::set_paused(
+            &mut conn,
+            true,
+            opsloop::domain::vocab::Source::Cli,
+            "cli:ann"
+        )
+        .await
+        .expect("pause")
     );
     drop(conn);
     let mut auto = request("hello", &[("name", "bot")], "reaction:x");
@@ -471,9 +476,14 @@ async fn a_template_paused_after_failures_refuses() {
     .await;
     let mut conn = db.pool.acquire().await.expect("conn");
     assert!(
-        opsloop::gates::resume_template(&mut conn, "hello")
-            .await
-            .expect("resume")
+        opsloop::gates::resume_template(
+            &mut conn,
+            "hello",
+            opsloop::domain::vocab::Source::Cli,
+            "test"
+        )
+        .await
+        .expect("resume")
     );
     drop(conn);
     let p = proposals::propose(
@@ -951,9 +961,14 @@ async fn a_template_paused_after_its_proposal_is_refused_at_approval() {
     drop(conn);
     assert_approval_gated(&db, &pol, p.id, "paused after 2 failed missions").await;
     let mut conn = db.pool.acquire().await.expect("conn");
-    opsloop::gates::resume_template(&mut conn, "deploy")
-        .await
-        .expect("resume");
+    opsloop::gates::resume_template(
+        &mut conn,
+        "deploy",
+        opsloop::domain::vocab::Source::Cli,
+        "test",
+    )
+    .await
+    .expect("resume");
     drop(conn);
     let d = approvals::decide(
         &db.pool,

@@ -249,7 +249,7 @@ async fn pause_skips_reactions_and_triggers() {
     let db = setup().await;
     let pol = policy();
     let mut conn = db.pool.acquire().await.expect("conn");
-    opsloop::gates::set_paused(&mut conn, true, "test")
+    opsloop::gates::set_paused(&mut conn, true, opsloop::domain::vocab::Source::Cli, "test")
         .await
         .expect("pause");
     drop(conn);
@@ -344,4 +344,34 @@ async fn events_follow_never_skips_an_event_that_commits_late() {
     let _ = child.wait();
     // Both arrive: the early one waits for the older transaction, then both in id order.
     assert_eq!(seen, ["late.one", "early.one"]);
+}
+
+/// A reaction's cooldown holds even when two processes handle reactions at the same
+/// time (a heartbeat that lost its lock mid-tick, another host's tick): batches that
+/// may propose are serialized, so the second sees the first's reaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cooldown_holds_when_two_processes_react_at_once() {
+    let policy_text = POLICY.replace("event_batch = 7", "event_batch = 1");
+    for round in 0..5 {
+        let db = test_db().await;
+        opsloop::policy::store::apply(&db.pool, &policy_text, "test")
+            .await
+            .expect("apply");
+        let pol = opsloop::policy::parse(&policy_text).expect("policy");
+        for _ in 0..4 {
+            emit(&db, "ping", serde_json::json!({})).await;
+        }
+        let second = opsloop::db::connect(&db.url, 4).await.expect("pool");
+        let (a, b) = tokio::join!(
+            opsloop::reactions::process(&db.pool, &pol, false),
+            opsloop::reactions::process(&second, &pol, false),
+        );
+        a.expect("first");
+        b.expect("second");
+        assert_eq!(
+            proposals_by(&db, "reaction:cooled").await,
+            1,
+            "round {round}: one proposal within the cooldown"
+        );
+    }
 }

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
+use crate::db::locks;
 use crate::error::OpsResult;
 use crate::policy::{Policy, Reaction};
 use crate::proposals::{self, NewProposal, ProposalStatus, Source};
@@ -50,6 +51,7 @@ pub async fn process(pool: &PgPool, policy: &Policy, paused: bool) -> OpsResult<
             break;
         }
         let mut handled = Vec::with_capacity(events.len());
+        let mut serialized = false;
         for event in &events {
             let matching: Vec<&Reaction> = policy
                 .reactions
@@ -58,6 +60,16 @@ pub async fn process(pool: &PgPool, policy: &Policy, paused: bool) -> OpsResult<
                 .collect();
             if !matching.is_empty() && proposals_left == 0 {
                 break; // the rest waits for the next tick
+            }
+            if !matching.is_empty() && !serialized {
+                // Cooldowns read earlier reactions: under the proposals lock (which
+                // propose_in takes anyway, until this batch commits) they hold even if
+                // two hosts tick at once.
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(locks::PROPOSALS)
+                    .execute(&mut *tx)
+                    .await?;
+                serialized = true;
             }
             for rule in matching {
                 let (status, proposal, reason) =
