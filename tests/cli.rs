@@ -211,6 +211,7 @@ async fn the_happy_path_prints_what_happened() {
     assert_eq!(
         kinds,
         [
+            "policy.applied",
             "proposal.created",
             "proposal.approved",
             "mission.started",
