@@ -27,7 +27,7 @@ pub const SLOW_DOWN: &str =
 
 use crate::db::locks;
 use crate::db::singleton::Singleton;
-use crate::policy::store::PolicyCache;
+use crate::store::policy::PolicyCache;
 
 /// What every handler may use.
 pub struct BotState {
