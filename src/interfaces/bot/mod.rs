@@ -27,7 +27,7 @@ pub const SLOW_DOWN: &str =
 
 use crate::db::locks;
 use crate::db::singleton::Singleton;
-use crate::policy::store::PolicyCache;
+use crate::store::policy::PolicyCache;
 
 /// What every handler may use.
 pub struct BotState {
@@ -43,7 +43,7 @@ type HandlerResult = Result<(), anyhow::Error>;
 /// The handler tree: messages (commands) and callback queries (button taps).
 pub fn schema() -> UpdateHandler<anyhow::Error> {
     dptree::entry()
-        .branch(Update::filter_message().endpoint(commands::on_message))
+        .branch(commands::schema())
         .branch(Update::filter_callback_query().endpoint(taps::on_tap))
 }
 

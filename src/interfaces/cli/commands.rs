@@ -1,24 +1,29 @@
 //! One function per command. Input from the command line is validated here (ids,
 //! key=value params, names) before anything touches the database.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 
 use super::{BenchCommand, Command, PolicyCommand, UsersCommand, show};
-use crate::approvals::{self, Decision};
-use crate::config::Settings;
 use crate::db::{self, Database, channels};
-use crate::error::{OpsError, OpsResult};
-use crate::events::{self, sources};
-use crate::gates;
-use crate::input::{self, parse_id, parse_params, parse_telegram_id};
-use crate::missions::{self, MissionStatus};
-use crate::policy::{self, store};
-use crate::proposals::{self, NewProposal, ProposalStatus, Source};
-use crate::users::{self, Role};
-use crate::{bench, daemon, logging, status};
+use crate::domain::config::Settings;
+use crate::domain::error::{OpsError, OpsResult};
+use crate::domain::input::{self, parse_id, parse_params, parse_telegram_id};
+use crate::domain::policy;
+use crate::domain::vocab::Source;
+use crate::engine::approvals::{self, Decision};
+use crate::engine::gates;
+use crate::engine::missions::{self, MissionStatus};
+use crate::engine::proposals::{self, NewProposal, ProposalStatus};
+use crate::engine::status as summary;
+use crate::interfaces::{bench, daemon, logging};
+use crate::store::events::{self, sources};
+use crate::store::policy as store;
+use crate::store::users::{self, Role};
 
 pub async fn run(command: Command) -> OpsResult<i32> {
     let _ = dotenvy::dotenv();
@@ -61,54 +66,18 @@ async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsRes
             println!("migrations applied");
             Ok(0)
         }
-        Command::Tick => {
-            let summary = daemon::tick_once(pool, settings).await?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&summary).unwrap_or_default()
-            );
-            Ok(0)
-        }
+        Command::Tick => tick(pool, settings).await,
         Command::Policy { command } => match command {
             PolicyCommand::Check { file } => policy_check(&file),
-            PolicyCommand::Apply { file } => {
-                let source = read_file(&file)?;
-                let version = store::apply(pool, &source, &whoami(None)?).await?;
-                println!("policy {} applied as version {version}", file.display());
-                Ok(0)
-            }
-            PolicyCommand::Show => {
-                let applied = store::require(pool).await?;
-                println!("# policy version {}", applied.version);
-                print!("{}", applied.source);
-                Ok(0)
-            }
+            PolicyCommand::Apply { file } => policy_apply(pool, &file).await,
+            PolicyCommand::Show => policy_show(pool).await,
         },
         Command::Propose {
             template,
             params,
             actor,
             json,
-        } => {
-            let applied = store::require(pool).await?;
-            let request = NewProposal {
-                template,
-                params: parse_params(&params)?,
-                proposed_by: whoami(actor)?,
-                source: Source::Cli,
-            };
-            let proposed = proposals::propose(pool, &applied.policy, request).await?;
-            if json {
-                println!("{}", json!(proposed));
-            } else {
-                show::proposed(&proposed);
-            }
-            Ok(if proposed.status == ProposalStatus::Rejected {
-                3
-            } else {
-                0
-            })
-        }
+        } => propose(pool, template, &params, actor, json).await,
         Command::Approve { id, actor, json } => {
             decide(pool, &id, actor, Decision::Approve, None, json).await
         }
@@ -118,115 +87,175 @@ async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsRes
             reason,
             json,
         } => decide(pool, &id, actor, Decision::Reject, reason, json).await,
-        Command::Cancel { mission_id, actor } => {
-            let id = parse_id(&mission_id, "mission")?;
-            missions::cancel(pool, id, &whoami(actor)?, sources::CLI).await?;
-            println!("mission #{id} cancelled");
-            Ok(0)
-        }
-        Command::Status { json } => {
-            let status = status::status(pool).await?;
-            if json {
-                println!("{}", json!(status));
-            } else {
-                show::status(&status);
-            }
-            Ok(0)
-        }
+        Command::Cancel { mission_id, actor } => cancel(pool, &mission_id, actor).await,
+        Command::Status { json } => status(pool, json).await,
         Command::Missions {
             status,
             limit,
             json,
-        } => {
-            let status = match status {
-                None => None,
-                Some(s) => Some(MissionStatus::parse(&s).ok_or_else(|| {
-                    OpsError::bad_input(format!(
-                        "unknown mission status {s:?} (running, succeeded, failed, cancelled)"
-                    ))
-                })?),
-            };
-            let list = missions::list(pool, status, limit.clamp(1, 1000)).await?;
-            if json {
-                println!("{}", json!(list));
-            } else {
-                show::missions(&list);
-            }
-            Ok(0)
-        }
-        Command::Mission { id, json } => {
-            let mission = missions::get(pool, parse_id(&id, "mission")?).await?;
-            if json {
-                println!("{}", json!(mission));
-            } else {
-                show::mission(&mission);
-            }
-            Ok(0)
-        }
+        } => missions(pool, status, limit, json).await,
+        Command::Mission { id, json } => mission(pool, &id, json).await,
         Command::Events {
             follow,
             json,
             limit,
         } => events_command(pool, follow, json, limit.clamp(0, 10_000)).await,
-        Command::Emit { kind, payload } => {
-            let payload: Value = match payload {
-                None => json!({}),
-                Some(text) => serde_json::from_str(&text).map_err(|e| {
-                    OpsError::bad_input(format!("--payload is not valid JSON: {e}"))
-                })?,
-            };
-            input::storable_json(&payload, "payload")?;
-            let id = events::emit_user(pool, &kind, sources::CLI, payload).await?;
-            println!("event #{id} {kind} emitted");
-            Ok(0)
-        }
-        Command::Pause { actor } => {
-            let mut conn = pool.acquire().await?;
-            let changed = gates::set_paused(&mut conn, true, Source::Cli, &whoami(actor)?).await?;
-            println!("{}", if changed { "paused" } else { "already paused" });
-            Ok(0)
-        }
-        Command::Resume {
-            template: None,
-            actor,
-        } => {
-            let mut conn = pool.acquire().await?;
-            let changed = gates::set_paused(&mut conn, false, Source::Cli, &whoami(actor)?).await?;
-            println!("{}", if changed { "resumed" } else { "not paused" });
-            Ok(0)
-        }
-        Command::Resume {
-            template: Some(name),
-            actor,
-        } => {
-            let mut conn = pool.acquire().await?;
-            if gates::resume_template(&mut conn, &name, Source::Cli, &whoami(actor)?).await? {
-                println!("template {name} resumed");
-                Ok(0)
-            } else {
-                Err(OpsError::refused(format!("template {name} is not paused")))
-            }
-        }
+        Command::Emit { kind, payload } => emit(pool, &kind, payload).await,
+        Command::Pause { actor } => pause(pool, actor).await,
+        Command::Resume { template, actor } => resume(pool, template, actor).await,
         Command::Users { command } => users_command(pool, command).await,
-        Command::Bench { command } => {
-            let figures = match command {
-                BenchCommand::Worker {
-                    steps,
-                    workers,
-                    steps_per_mission,
-                    history,
-                } => bench::worker(db, steps, workers, steps_per_mission, history).await?,
-                BenchCommand::Latency { samples } => bench::latency(db, samples).await?,
-                BenchCommand::Tick { events, rules } => bench::tick(db, events, rules).await?,
-            };
-            println!("{figures}");
-            Ok(0)
-        }
+        Command::Bench { command } => bench(db, command).await,
         Command::Doctor { .. } | Command::Run { .. } | Command::Worker { .. } => Ok(0),
     }
 }
 
-fn policy_check(file: &std::path::Path) -> OpsResult<i32> {
+async fn tick(pool: &PgPool, settings: &Settings) -> OpsResult<i32> {
+    let summary = daemon::tick_once(pool, settings).await?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&summary).unwrap_or_default()
+    );
+    Ok(0)
+}
+
+async fn policy_apply(pool: &PgPool, file: &Path) -> OpsResult<i32> {
+    let source = read_file(file)?;
+    let version = store::apply(pool, &source, &whoami(None)?).await?;
+    println!("policy {} applied as version {version}", file.display());
+    Ok(0)
+}
+
+async fn policy_show(pool: &PgPool) -> OpsResult<i32> {
+    let applied = store::require(pool).await?;
+    println!("# policy version {}", applied.version);
+    print!("{}", applied.source);
+    Ok(0)
+}
+
+/// Exit 3 when a gate refused the proposal (it is recorded, with its reason).
+async fn propose(
+    pool: &PgPool,
+    template: String,
+    params: &[String],
+    actor: Option<String>,
+    json: bool,
+) -> OpsResult<i32> {
+    let applied = store::require(pool).await?;
+    let request = NewProposal {
+        template,
+        params: parse_params(params)?,
+        proposed_by: whoami(actor)?,
+        source: Source::Cli,
+    };
+    let proposed = proposals::propose(pool, &applied.policy, request).await?;
+    if json {
+        println!("{}", json!(proposed));
+    } else {
+        show::proposed(&proposed);
+    }
+    Ok(if proposed.status == ProposalStatus::Rejected {
+        3
+    } else {
+        0
+    })
+}
+
+async fn cancel(pool: &PgPool, mission_id: &str, actor: Option<String>) -> OpsResult<i32> {
+    let id = parse_id(mission_id, "mission")?;
+    missions::cancel(pool, id, &whoami(actor)?, sources::CLI).await?;
+    println!("mission #{id} cancelled");
+    Ok(0)
+}
+
+async fn status(pool: &PgPool, json: bool) -> OpsResult<i32> {
+    let status = summary::status(pool).await?;
+    if json {
+        println!("{}", json!(status));
+    } else {
+        show::status(&status);
+    }
+    Ok(0)
+}
+
+async fn missions(pool: &PgPool, status: Option<String>, limit: i64, json: bool) -> OpsResult<i32> {
+    let status = match status {
+        None => None,
+        Some(s) => Some(MissionStatus::parse(&s).ok_or_else(|| {
+            OpsError::bad_input(format!(
+                "unknown mission status {s:?} (running, succeeded, failed, cancelled)"
+            ))
+        })?),
+    };
+    let list = missions::list(pool, status, limit.clamp(1, 1000)).await?;
+    if json {
+        println!("{}", json!(list));
+    } else {
+        show::missions(&list);
+    }
+    Ok(0)
+}
+
+async fn mission(pool: &PgPool, id: &str, json: bool) -> OpsResult<i32> {
+    let mission = missions::get(pool, parse_id(id, "mission")?).await?;
+    if json {
+        println!("{}", json!(mission));
+    } else {
+        show::mission(&mission);
+    }
+    Ok(0)
+}
+
+async fn emit(pool: &PgPool, kind: &str, payload: Option<String>) -> OpsResult<i32> {
+    let payload: Value = match payload {
+        None => json!({}),
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|e| OpsError::bad_input(format!("--payload is not valid JSON: {e}")))?,
+    };
+    input::storable_json(&payload, "payload")?;
+    let id = events::emit_user(pool, kind, sources::CLI, payload).await?;
+    println!("event #{id} {kind} emitted");
+    Ok(0)
+}
+
+async fn pause(pool: &PgPool, actor: Option<String>) -> OpsResult<i32> {
+    let mut conn = pool.acquire().await?;
+    let changed = gates::set_paused(&mut conn, true, Source::Cli, &whoami(actor)?).await?;
+    println!("{}", if changed { "paused" } else { "already paused" });
+    Ok(0)
+}
+
+/// `resume`, or `resume TEMPLATE`: refused (exit 3) when that template is not paused.
+async fn resume(pool: &PgPool, template: Option<String>, actor: Option<String>) -> OpsResult<i32> {
+    let mut conn = pool.acquire().await?;
+    let Some(name) = template else {
+        let changed = gates::set_paused(&mut conn, false, Source::Cli, &whoami(actor)?).await?;
+        println!("{}", if changed { "resumed" } else { "not paused" });
+        return Ok(0);
+    };
+    if gates::resume_template(&mut conn, &name, Source::Cli, &whoami(actor)?).await? {
+        println!("template {name} resumed");
+        Ok(0)
+    } else {
+        Err(OpsError::refused(format!("template {name} is not paused")))
+    }
+}
+
+async fn bench(db: &Database, command: BenchCommand) -> OpsResult<i32> {
+    let figures = match command {
+        BenchCommand::Worker {
+            steps,
+            workers,
+            steps_per_mission,
+            history,
+        } => bench::worker(db, steps, workers, steps_per_mission, history).await?,
+        BenchCommand::Latency { samples } => bench::latency(db, samples).await?,
+        BenchCommand::Tick { events, rules } => bench::tick(db, events, rules).await?,
+    };
+    println!("{figures}");
+    Ok(0)
+}
+
+fn policy_check(file: &Path) -> OpsResult<i32> {
     let source = read_file(file)?;
     match policy::parse(&source) {
         Ok(policy) => {
@@ -249,13 +278,13 @@ fn policy_check(file: &std::path::Path) -> OpsResult<i32> {
     }
 }
 
-fn read_file(file: &std::path::Path) -> OpsResult<String> {
+fn read_file(file: &Path) -> OpsResult<String> {
     std::fs::read_to_string(file)
         .map_err(|e| OpsError::bad_input(format!("cannot read {}: {e}", file.display())))
 }
 
 async fn decide(
-    pool: &sqlx::PgPool,
+    pool: &PgPool,
     id: &str,
     actor: Option<String>,
     decision: Decision,
@@ -287,7 +316,7 @@ async fn decide(
     Ok(0)
 }
 
-async fn users_command(pool: &sqlx::PgPool, command: UsersCommand) -> OpsResult<i32> {
+async fn users_command(pool: &PgPool, command: UsersCommand) -> OpsResult<i32> {
     match command {
         UsersCommand::List { json } => {
             let list = users::list(pool).await?;
@@ -312,12 +341,7 @@ async fn users_command(pool: &sqlx::PgPool, command: UsersCommand) -> OpsResult<
     Ok(0)
 }
 
-async fn events_command(
-    pool: &sqlx::PgPool,
-    follow: bool,
-    json: bool,
-    limit: i64,
-) -> OpsResult<i32> {
+async fn events_command(pool: &PgPool, follow: bool, json: bool, limit: i64) -> OpsResult<i32> {
     // Listen before reading the backlog, so nothing written in between is missed.
     let mut listener = if follow {
         let mut l = PgListener::connect_with(pool).await?;

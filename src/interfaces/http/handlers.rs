@@ -1,0 +1,178 @@
+//! One plain async function per endpoint. Each calls the same library function as the
+//! CLI and the bot (`proposals::propose`, `events::emit_user`, `heartbeat::tick`,
+//! `missions::get`); none writes SQL.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::errors::ApiError;
+use super::json::StrictJson;
+use super::{AppState, SERVER};
+use crate::domain::error::OpsError;
+use crate::domain::input;
+use crate::domain::policy::Policy;
+use crate::domain::vocab::Source;
+use crate::engine::proposals::{self, NewProposal, ProposalStatus};
+use crate::engine::{heartbeat, missions, telemetry};
+use crate::store::events::{self, sources};
+
+/// `/healthz` says 503 when `SELECT 1` takes longer than this.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `GET /healthz`: 200 when the database answers `SELECT 1` in time, else 503.
+pub(super) async fn healthz(State(state): State<AppState>) -> Response {
+    let answered = matches!(
+        tokio::time::timeout(HEALTH_TIMEOUT, sqlx::query("SELECT 1").execute(&state.pool)).await,
+        Ok(Ok(_))
+    );
+    let mut response = if answered {
+        (StatusCode::OK, Json(json!({ "ok": true }))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ok": false, "error": "database unreachable" })),
+        )
+            .into_response()
+    };
+    response
+        .headers_mut()
+        .insert(header::SERVER, HeaderValue::from_static(SERVER));
+    response
+}
+
+/// `GET /metrics`: the process's metrics and the database's counters, Prometheus text.
+pub(super) async fn metrics(State(state): State<AppState>) -> Response {
+    telemetry::refresh_gauges(&state.pool).await;
+    state.metrics.run_upkeep();
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        Body::from(state.metrics.render() + &telemetry::database_counters(&state.pool).await),
+    )
+        .into_response()
+}
+
+/// `POST /api/ops/heartbeat`: one tick, its summary.
+pub(super) async fn heartbeat(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let policy = current_policy(&state).await?;
+    let summary = heartbeat::tick(&state.pool, &policy).await?;
+    Ok(Json(summary).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EventRequest {
+    kind: String,
+    #[serde(default)]
+    payload: Option<Value>,
+}
+
+/// `POST /api/events`: an event of the caller's own kind; 201 with its id.
+pub(super) async fn emit_event(
+    State(state): State<AppState>,
+    StrictJson(body): StrictJson<EventRequest>,
+) -> Result<Response, ApiError> {
+    let payload = body.payload.unwrap_or_else(|| json!({}));
+    let id = events::emit_user(&state.pool, &body.kind, sources::HTTP, payload).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "id": id }))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ProposalRequest {
+    template: String,
+    #[serde(default)]
+    params: BTreeMap<String, Value>,
+    proposed_by: String,
+}
+
+/// `POST /api/proposals`, the same entry point as `opsloop propose`: 201 with
+/// `propose --json`'s document, 409 with it when a gate refused (the refused proposal
+/// exists, with its id).
+pub(super) async fn propose(
+    State(state): State<AppState>,
+    StrictJson(body): StrictJson<ProposalRequest>,
+) -> Result<Response, ApiError> {
+    // Normalized, so the same person is the same proposer whatever the spelling.
+    let proposed_by = input::identity(&body.proposed_by, "proposed_by")?;
+    let mut params = BTreeMap::new();
+    for (key, value) in body.params {
+        match value {
+            Value::String(text) => {
+                params.insert(key, text);
+            }
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!(
+                        "params.{key} must be a string, not {} (quote it)",
+                        json_type(&other)
+                    ),
+                ));
+            }
+        }
+    }
+    let policy = current_policy(&state).await?;
+    let request = NewProposal {
+        template: body.template,
+        params,
+        proposed_by,
+        source: Source::Http,
+    };
+    let proposed = proposals::propose(&state.pool, &policy, request).await?;
+    let status = if proposed.status == ProposalStatus::Rejected {
+        StatusCode::CONFLICT
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(json!(proposed))).into_response())
+}
+
+/// `GET /api/missions/{id}`: `opsloop mission ID --json`'s document.
+pub(super) async fn mission(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = match raw.trim().trim_start_matches('#').parse::<i64>() {
+        Ok(id) if id > 0 => id,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{raw:?} is not a mission id (a positive number)"),
+            ));
+        }
+    };
+    match missions::get(&state.pool, id).await {
+        Ok(view) => Ok(Json(json!(view)).into_response()),
+        Err(OpsError::BadInput(msg)) => Err(ApiError::new(StatusCode::NOT_FOUND, msg)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The current policy, reloaded if `policy apply` moved its version (one tiny query).
+async fn current_policy(state: &AppState) -> Result<Arc<Policy>, ApiError> {
+    state.policy.refresh(&state.pool).await?;
+    Ok(state.policy.get().await)
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
