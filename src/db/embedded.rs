@@ -1,7 +1,10 @@
-//! Embedded default database (design §3): a private PostgreSQL cluster under the data dir.
+//! Embedded default database (docs/commands.md): a private PostgreSQL cluster under the data dir.
 //! Layout: `DATA_DIR/pg` (PGDATA), socket in `DATA_DIR/run` (or `/tmp/opsloop-<hash>` when
 //! that path is too long for a Unix socket), log `DATA_DIR/postgres.log`, start-up lock
 //! `DATA_DIR/.pg-start.lock`. No TCP listener; superuser `opsloop`, trust auth.
+//!
+//! Long because starting a cluster safely (as root, reused, attached, adopted after a crash)
+//! is one sequence of steps that reads best in one place.
 
 use std::ffi::CString;
 use std::fmt::Write as _;

@@ -1,4 +1,4 @@
-//! Configuration from the environment (design §3), read in one place.
+//! Configuration from the environment (docs/commands.md, "Environment"), read in one place.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

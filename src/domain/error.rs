@@ -1,5 +1,5 @@
 //! One error type for everything a command or handler can refuse, with the exit codes
-//! of design §2: 2 bad input, 3 refused, 1 anything else.
+//! of docs/commands.md: 2 bad input, 3 refused, 1 anything else.
 
 use std::fmt;
 

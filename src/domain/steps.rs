@@ -1,4 +1,4 @@
-//! What a step does: the kinds of design §3 and their stored spec.
+//! What a step does: the kinds of docs/policy.md and their stored spec.
 //!
 //! A `StepSpec` is what a template declares (with `{param}` placeholders) and, after
 //! substitution, what `ops_mission_steps.spec` holds. Durations are stored as

@@ -1,5 +1,5 @@
 //! The loop's vocabulary: every event kind opsloop writes, who writes events and
-//! proposals, and the status words of proposals, missions and steps (design §4).
+//! proposals, and the status words of proposals, missions and steps (docs/events.md).
 //! Each word is spelled once, here; SQL that needs one binds `as_str()`.
 
 use std::fmt;
@@ -95,7 +95,7 @@ impl fmt::Display for UnknownWord {
 impl std::error::Error for UnknownWord {}
 
 vocabulary! {
-    /// Every event kind opsloop itself writes (design §4). Users' own kinds are
+    /// Every event kind opsloop itself writes (docs/events.md). Users' own kinds are
     /// plain validated strings (`events::validate_user_kind`).
     EventKind {
         ProposalCreated = "proposal.created",

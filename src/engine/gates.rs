@@ -1,4 +1,4 @@
-//! Gates: the checks every proposal passes before approval (design §1, §5). Each is
+//! Gates: the checks every proposal passes before approval (docs/policy.md, "gates"). Each is
 //! one small query, run inside the proposal's transaction under the proposals lock,
 //! so two proposals racing each other see each other's effect. The gates about
 //! missions run once more, under the same lock, when an approval would create one.

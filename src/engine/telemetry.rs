@@ -1,4 +1,4 @@
-//! Metrics (design §7): the names opsloop exposes on `/metrics`, the process-wide
+//! Metrics (docs/http.md): the names opsloop exposes on `/metrics`, the process-wide
 //! Prometheus recorder, and the cheap database gauges refreshed on each scrape.
 //!
 //! Instrumented code calls the small functions below (never `metrics::` macros with

@@ -1,4 +1,4 @@
-//! `opsloop bench` (design §9): measured on the database server it is given, in a
+//! `opsloop bench` (README, "Performance"): measured on the database server it is given, in a
 //! scratch database it creates and drops, one JSON line per case. Benchmarks measure;
 //! no test asserts a time.
 

@@ -1,6 +1,8 @@
 //! `opsloop doctor`: check the setup and explain, one line per check with its fix.
 //! Works when the database is unreachable (that is one of the things it reports), never
 //! changes anything (no migrations, no policy apply), and never prints a secret.
+//!
+//! Long because it is a list of independent checks, each short, each with its fix.
 
 use std::fmt::Display;
 use std::net::SocketAddr;

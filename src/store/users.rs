@@ -1,4 +1,4 @@
-//! People: Telegram users and their roles (design §6). Roles are ordered: each can do
+//! People: Telegram users and their roles (docs/telegram.md). Roles are ordered: each can do
 //! everything the one before it can.
 
 use std::fmt;

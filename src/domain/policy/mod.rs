@@ -1,9 +1,12 @@
-//! The policy file (design §3): parsing with every problem located, and the typed
+//! The policy file (docs/policy.md): parsing with every problem located, and the typed
 //! policy the daemon runs on.
 //!
 //! `parse` walks the spanned TOML tree by hand so that one pass reports every problem
 //! (unknown keys, wrong types, bad durations, regexes, crons, cross references), each
 //! with its line, column and dotted path.
+//!
+//! Long because it holds the policy's types, one per section, side by side: the parser
+//! (`read`, `sections`, `templates`, `rules`) is already split out.
 
 mod read;
 mod rules;

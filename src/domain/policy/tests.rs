@@ -115,7 +115,7 @@ fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 #[test]
-fn design_example_parses() {
+fn the_documented_example_parses() {
     let p = parse_ok(EXAMPLE);
     assert_eq!(p.approval.ttl, Duration::from_secs(86_400));
     assert!(p.approval.auto_approves(Risk::Low) && !p.approval.auto_approves(Risk::High));

@@ -1,4 +1,4 @@
-//! Step executors: what a worker does with one claimed step (design §3 "Step kinds").
+//! Step executors: what a worker does with one claimed step (docs/policy.md, "Step kinds").
 //!
 //! `Executors::execute` turns a `StepSpec` into an `Outcome`. It never touches the
 //! database: the worker stores the outcome (and, for `emit`, writes the event) in its

@@ -1,4 +1,4 @@
-//! The Telegram bot (design §6): one dptree handler tree, handlers as plain async
+//! The Telegram bot (docs/telegram.md): one dptree handler tree, handlers as plain async
 //! functions calling the same library functions as the CLI. Replies go through the
 //! outbox; button taps are answered at once. Only one process polls a token at a time
 //! (`db::singleton`); another takes over when it dies or loses the lock.

@@ -1,4 +1,4 @@
-//! The command line of design §2. Parsing and dispatch only: every command calls the
+//! The command line (docs/commands.md). Parsing and dispatch only: every command calls the
 //! library function that the bot and HTTP call too.
 
 mod commands;

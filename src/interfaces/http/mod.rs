@@ -1,4 +1,4 @@
-//! HTTP (design §7): `/healthz`, `/metrics`, and the bearer-protected `/api/*` for
+//! HTTP (docs/http.md): `/healthz`, `/metrics`, and the bearer-protected `/api/*` for
 //! agents and scripts. The routes are one table ([`routes`]); `handlers` holds one
 //! function per endpoint, calling the same library functions as the CLI and the bot,
 //! and nothing here writes SQL. Every error, including a malformed request, is a JSON

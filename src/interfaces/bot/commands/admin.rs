@@ -34,7 +34,10 @@ pub async fn resume(state: Arc<BotState>, caller: Caller, args: String) -> OpsRe
                 "Not paused.".into()
             }
         }
-        Some(template) if gates::resume_template(&mut conn, template, Source::Telegram, &caller.actor()).await? => {
+        Some(template)
+            if gates::resume_template(&mut conn, template, Source::Telegram, &caller.actor())
+                .await? =>
+        {
             format!("▶️ Template {} resumed.", escape(template))
         }
         Some(template) => format!("Template {} is not paused.", escape(&cut(template, 64))),
