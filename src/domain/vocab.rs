@@ -25,7 +25,8 @@ macro_rules! vocabulary {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
+                // pad, not write_str: `{:<10}` aligns a word as it does a string
+                f.pad(self.as_str())
             }
         }
 

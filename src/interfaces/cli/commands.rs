@@ -140,7 +140,7 @@ async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsRes
         } => {
             let status = match status {
                 None => None,
-                Some(s) => Some(MissionStatus::parse(&s).ok_or_else(|| {
+                Some(s) => Some(s.parse::<MissionStatus>().map_err(|_| {
                     OpsError::bad_input(format!(
                         "unknown mission status {s:?} (running, succeeded, failed, cancelled)"
                     ))
