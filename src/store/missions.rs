@@ -101,8 +101,9 @@ pub async fn finalize_succeeded(conn: &mut PgConnection, mission_ids: &[i64]) ->
             RETURNING m.id, m.template, m.proposal_id
          ), events AS (",
         insert_events!(
-            "SELECT $2::text, $3::text, proposal_id, id, NULL::bigint, jsonb_build_object('template', template)
-             FROM finished ORDER BY id"
+            kinds: "$2",
+            rows: "SELECT $2::text, $3::text, proposal_id, id, NULL::bigint, jsonb_build_object('template', template)
+             FROM finished ORDER BY id",
         ),
         ")
          SELECT count(*) FROM finished"

@@ -88,9 +88,10 @@ pub async fn claim_ready(
             RETURNING s.id, s.mission_id, s.name, s.spec, s.attempts
          ), started AS (",
         insert_events!(
-            "SELECT $4::text, $5::text, NULL::bigint, c.mission_id, c.id,
+            kinds: "$4",
+            rows: "SELECT $4::text, $5::text, NULL::bigint, c.mission_id, c.id,
                     jsonb_build_object('name', c.name, 'attempt', c.attempts, 'worker', $1::text)
-             FROM claimed c"
+             FROM claimed c",
         ),
         ")
          SELECT c.id, c.mission_id, c.name, c.spec, c.attempts, x.params
@@ -237,14 +238,15 @@ pub async fn store_endings(
         ),
         "), events AS (",
         insert_events!(
-            "SELECT CASE WHEN outcome = 'succeeded' THEN $8::text ELSE $9::text END,
+            kinds: "$8, $9",
+            rows: "SELECT CASE WHEN outcome = 'succeeded' THEN $8::text ELSE $9::text END,
                     $10::text, NULL::bigint, mission_id, id,
                     CASE WHEN outcome = 'succeeded' THEN jsonb_build_object('name', name, 'attempt', attempts)
                          ELSE jsonb_build_object('name', name, 'attempt', attempts, 'max_attempts', max_attempts,
                                                  'error', error, 'retry_in_ms', retry_ms) END
              FROM stored
              WHERE outcome = 'succeeded' OR (outcome = 'failed' AND attempts < max_attempts)
-             ORDER BY id"
+             ORDER BY id",
         ),
         ")
          SELECT id, mission_id, name, attempts, max_attempts, outcome, next_id FROM stored"
