@@ -90,15 +90,15 @@ async fn decide(
     if paused {
         return Ok(("skipped", None, "paused".into()));
     }
-    if let Some(cooldown) = rule.cooldown {
-        if let Some(last) = store::reactions::last_proposed(conn, &rule.name).await? {
-            let since = Utc::now()
-                .signed_duration_since(last)
-                .to_std()
-                .unwrap_or_default();
-            if since < cooldown {
-                return Ok(("skipped", None, "cooldown".into()));
-            }
+    if let Some(cooldown) = rule.cooldown
+        && let Some(last) = store::reactions::last_proposed(conn, &rule.name).await?
+    {
+        let since = Utc::now()
+            .signed_duration_since(last)
+            .to_std()
+            .unwrap_or_default();
+        if since < cooldown {
+            return Ok(("skipped", None, "cooldown".into()));
         }
     }
     if rule.probability < 1.0 && rand::random::<f64>() >= rule.probability {

@@ -12,7 +12,7 @@ use sqlx::PgPool;
 
 use crate::error::OpsResult;
 use crate::policy::RetentionPolicy;
-use crate::store::{events, reactions, runs};
+use crate::store::{self, events, reactions, runs};
 
 /// Statements per kind of row and tick: with `batch` rows each, a tick's work is bounded.
 const ROUNDS: u32 = 10;
@@ -50,16 +50,11 @@ const NOTIFICATIONS: &str = "DELETE FROM ops_notifications WHERE id IN (
 /// Delete what the policy no longer keeps.
 pub async fn enforce(pool: &PgPool, policy: &RetentionPolicy) -> OpsResult<Deleted> {
     let batch = i64::from(policy.batch.max(1));
-    let sql = async |sql: &'static str, cutoff, limit| -> OpsResult<u64> {
-        Ok(sqlx::query(sql)
-            .bind(cutoff)
-            .bind(limit)
-            .execute(pool)
-            .await?
-            .rows_affected())
-    };
     Ok(Deleted {
-        proposals: prune(policy.missions, batch, |c, n| sql(PROPOSALS, c, n)).await?,
+        proposals: prune(policy.missions, batch, |c, n| {
+            store::delete_older(pool, PROPOSALS, c, n)
+        })
+        .await?,
         events: prune(policy.events, batch, |c, n| {
             events::delete_expired(pool, c, n)
         })
@@ -72,7 +67,10 @@ pub async fn enforce(pool: &PgPool, policy: &RetentionPolicy) -> OpsResult<Delet
             runs::delete_expired(pool, c, n)
         })
         .await?,
-        notifications: prune(policy.notifications, batch, |c, n| sql(NOTIFICATIONS, c, n)).await?,
+        notifications: prune(policy.notifications, batch, |c, n| {
+            store::delete_older(pool, NOTIFICATIONS, c, n)
+        })
+        .await?,
     })
 }
 

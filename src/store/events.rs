@@ -170,19 +170,18 @@ pub async fn mark_processed(conn: &mut PgConnection, ids: &[i64]) -> OpsResult<(
 /// those a pending notification will still render and those of a running mission.
 /// Walks ids (they grow with time), so no index on `created_at` is needed.
 pub async fn delete_expired(pool: &PgPool, cutoff: DateTime<Utc>, limit: i64) -> OpsResult<u64> {
-    Ok(sqlx::query(
+    super::delete_older(
+        pool,
         "DELETE FROM ops_agent_events WHERE id IN (
             SELECT e.id FROM ops_agent_events e
             WHERE e.created_at < $1 AND e.processed_at IS NOT NULL
               AND NOT EXISTS (SELECT 1 FROM ops_notifications n WHERE n.event_id = e.id AND n.status = 'pending')
               AND NOT EXISTS (SELECT 1 FROM ops_missions m WHERE m.id = e.mission_id AND m.status = 'running')
             ORDER BY e.id LIMIT $2)",
+        cutoff,
+        limit,
     )
-    .bind(cutoff)
-    .bind(limit)
-    .execute(pool)
-    .await?
-    .rows_affected())
+    .await
 }
 
 /// Event kinds users may emit: `^[a-z][a-z0-9_.-]{0,63}$` (design §4).

@@ -46,13 +46,12 @@ pub async fn last_proposed(
 
 /// Retention: up to `limit` decisions made before `cutoff`, oldest first.
 pub async fn delete_expired(pool: &PgPool, cutoff: DateTime<Utc>, limit: i64) -> OpsResult<u64> {
-    Ok(sqlx::query(
+    super::delete_older(
+        pool,
         "DELETE FROM ops_agent_reactions WHERE id IN (
             SELECT id FROM ops_agent_reactions WHERE created_at < $1 ORDER BY created_at LIMIT $2)",
+        cutoff,
+        limit,
     )
-    .bind(cutoff)
-    .bind(limit)
-    .execute(pool)
-    .await?
-    .rows_affected())
+    .await
 }

@@ -42,13 +42,12 @@ pub async fn record_tick(
 /// Retention: up to `limit` runs started before `cutoff`, oldest first. Walks ids (they
 /// grow with time), so no index on `started_at` is needed.
 pub async fn delete_expired(pool: &PgPool, cutoff: DateTime<Utc>, limit: i64) -> OpsResult<u64> {
-    Ok(sqlx::query(
+    super::delete_older(
+        pool,
         "DELETE FROM ops_action_runs WHERE id IN (
             SELECT id FROM ops_action_runs WHERE started_at < $1 ORDER BY id LIMIT $2)",
+        cutoff,
+        limit,
     )
-    .bind(cutoff)
-    .bind(limit)
-    .execute(pool)
-    .await?
-    .rows_affected())
+    .await
 }
