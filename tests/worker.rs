@@ -646,6 +646,33 @@ async fn a_step_of_a_mission_that_is_not_running_is_not_claimed() {
     assert!(claimed.is_empty(), "{claimed:?}");
 }
 
+/// Paused, nothing is claimed (`ops_paused()`, the switch the gates read); resumed, the
+/// step that waited is claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_steps_wait_and_run_after_resume() {
+    let (db, policy) = bare().await;
+    let mission = support::propose(&db.pool, &policy, "flaky", &[])
+        .await
+        .mission_id
+        .expect("mission");
+    let mut conn = db.pool.acquire().await.expect("conn");
+    assert!(
+        opsloop::gates::set_paused(&mut conn, true, "test")
+            .await
+            .expect("pause")
+    );
+    let claimed = steps::claim_ready(&db.pool, "test-worker", 10, Duration::from_secs(60))
+        .await
+        .expect("claim");
+    assert!(claimed.is_empty(), "{claimed:?}");
+    assert!(
+        opsloop::gates::set_paused(&mut conn, false, "test")
+            .await
+            .expect("resume")
+    );
+    assert_eq!(claim_one(&db).await.mission_id, mission);
+}
+
 /// Run `work` while a cancel of `mission` is in progress: `missions::cancel`'s
 /// statements (mission locked and cancelled, its queued steps cancelled) done but not
 /// committed. The cancel commits once `work` has finished or waits for a lock.

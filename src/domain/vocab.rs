@@ -224,4 +224,11 @@ mod tests {
         }
         assert!("mission.exploded".parse::<EventKind>().is_err());
     }
+
+    #[test]
+    fn a_word_is_padded_like_a_string() {
+        // CLI tables align status columns with `{:<10}`.
+        assert_eq!(format!("[{:<10}]", MissionStatus::Running), "[running   ]");
+        assert_eq!(format!("[{:>6}]", StepStatus::Queued), "[queued]");
+    }
 }
