@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use opsloop::heartbeat;
 use opsloop::missions::progress::{self, Ending, Lease};
 use opsloop::policy::store::PolicyCache;
-use opsloop::worker::{Worker, queue};
+use opsloop::store::steps;
+use opsloop::worker::Worker;
 use support::{TestDb, test_db};
 use tokio_util::sync::CancellationToken;
 
@@ -535,15 +536,15 @@ async fn bare() -> (support::TestDb, opsloop::policy::Policy) {
     (db, opsloop::policy::parse(POLICY).expect("policy"))
 }
 
-async fn claim_one(db: &TestDb) -> queue::Claimed {
-    let mut claimed = queue::claim(&db.pool, "test-worker", 10, Duration::from_secs(60))
+async fn claim_one(db: &TestDb) -> steps::Claimed {
+    let mut claimed = steps::claim_ready(&db.pool, "test-worker", 10, Duration::from_secs(60))
         .await
         .expect("claim");
     assert_eq!(claimed.len(), 1, "{claimed:?}");
     claimed.remove(0)
 }
 
-async fn report(db: &TestDb, step: &queue::Claimed, ending: Ending) -> bool {
+async fn report(db: &TestDb, step: &steps::Claimed, ending: Ending) -> bool {
     let lease = Lease {
         step_id: step.id,
         owner: "test-worker".into(),
@@ -643,10 +644,37 @@ async fn a_step_of_a_mission_that_is_not_running_is_not_claimed() {
         .execute(&db.pool)
         .await
         .expect("cancel by hand");
-    let claimed = queue::claim(&db.pool, "test-worker", 10, Duration::from_secs(60))
+    let claimed = steps::claim_ready(&db.pool, "test-worker", 10, Duration::from_secs(60))
         .await
         .expect("claim");
     assert!(claimed.is_empty(), "{claimed:?}");
+}
+
+/// Paused, nothing is claimed (`ops_paused()`, the switch the gates read); resumed, the
+/// step that waited is claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_steps_wait_and_run_after_resume() {
+    let (db, policy) = bare().await;
+    let mission = support::propose(&db.pool, &policy, "flaky", &[])
+        .await
+        .mission_id
+        .expect("mission");
+    let mut conn = db.pool.acquire().await.expect("conn");
+    assert!(
+        opsloop::gates::set_paused(&mut conn, true, "test")
+            .await
+            .expect("pause")
+    );
+    let claimed = steps::claim_ready(&db.pool, "test-worker", 10, Duration::from_secs(60))
+        .await
+        .expect("claim");
+    assert!(claimed.is_empty(), "{claimed:?}");
+    assert!(
+        opsloop::gates::set_paused(&mut conn, false, "test")
+            .await
+            .expect("resume")
+    );
+    assert_eq!(claim_one(&db).await.mission_id, mission);
 }
 
 /// Run `work` while a cancel of `mission` is in progress: `missions::cancel`'s

@@ -25,7 +25,8 @@ macro_rules! vocabulary {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
+                // pad, not write_str: `{:<10}` aligns a word as it does a string
+                f.pad(self.as_str())
             }
         }
 
@@ -222,5 +223,12 @@ mod tests {
             assert_eq!(s.as_str().parse::<StepStatus>(), Ok(*s));
         }
         assert!("mission.exploded".parse::<EventKind>().is_err());
+    }
+
+    #[test]
+    fn a_word_is_padded_like_a_string() {
+        // CLI tables align status columns with `{:<10}`.
+        assert_eq!(format!("[{:<10}]", MissionStatus::Running), "[running   ]");
+        assert_eq!(format!("[{:>6}]", StepStatus::Queued), "[queued]");
     }
 }

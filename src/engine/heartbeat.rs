@@ -15,11 +15,13 @@ use sqlx::PgPool;
 use crate::approvals;
 use crate::db::locks;
 use crate::db::singleton::{Held, Singleton};
+use crate::domain::vocab::{EventKind, MissionStatus, Source, StepStatus};
 use crate::error::{OpsError, OpsResult};
-use crate::events::{self, NewEvent, sources};
 use crate::gates;
 use crate::missions::progress;
 use crate::policy::Policy;
+use crate::store::events::{self, NewEvent};
+use crate::store::{missions, runs, steps};
 use crate::telemetry;
 use crate::{reactions, retention, triggers};
 
@@ -97,69 +99,33 @@ async fn phases(pool: &PgPool, policy: &Policy, held: &Held) -> OpsResult<TickSu
     s.deleted = retention::enforce(pool, &policy.retention).await?;
     s.duration_ms = started.elapsed().as_millis() as u64;
     still_holding(held, "the tick's record").await?;
-    sqlx::query(
-        "INSERT INTO ops_action_runs (kind, outcome, summary, started_at, finished_at)
-         VALUES ('tick', 'ok', $1, $2, now())",
-    )
-    .bind(json!(s))
-    .bind(started_at)
-    .execute(pool)
-    .await?;
+    runs::record_tick(pool, &json!(s), started_at).await?;
     Ok(s)
 }
 
-#[derive(sqlx::FromRow)]
-struct Expired {
-    id: i64,
-    mission_id: i64,
-    name: String,
-    attempts: i32,
-    max_attempts: i32,
-    lease_owner: Option<String>,
-    mission_status: String,
-}
-
-/// Steps whose worker stopped renewing: back to the queue, or failed when out of attempts.
+/// Steps whose worker stopped renewing: back to the queue, or failed when out of
+/// attempts, or cancelled when their mission was.
 async fn recover_leases(pool: &PgPool, policy: &Policy) -> OpsResult<(u64, u64)> {
     let mut tx = pool.begin().await?;
-    let expired: Vec<Expired> = sqlx::query_as(
-        "SELECT s.id, s.mission_id, s.name, s.attempts, s.max_attempts, s.lease_owner, m.status AS mission_status
-         FROM ops_mission_steps s JOIN ops_missions m ON m.id = s.mission_id
-         WHERE s.status = 'running' AND s.lease_expires_at < now()
-         ORDER BY s.lease_expires_at LIMIT 500
-         -- KEY SHARE of the mission: a cancel in progress is waited for and seen, so a
-         -- cancelled mission's step is never queued again.
-         FOR UPDATE OF s SKIP LOCKED FOR KEY SHARE OF m",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
+    let expired = steps::lock_expired(&mut tx, 500).await?;
     let (mut recovered, mut failed) = (0, 0);
     for step in &expired {
         let owner = step.lease_owner.as_deref().unwrap_or("unknown");
         let error = format!("lease expired: worker {owner} stopped renewing it");
-        let next = if step.mission_status == "cancelled" {
-            "cancelled"
+        let next = if step.mission_status == MissionStatus::Cancelled {
+            StepStatus::Cancelled
         } else if step.attempts < step.max_attempts {
-            "queued"
+            StepStatus::Queued
         } else {
-            "failed"
+            StepStatus::Failed
         };
-        sqlx::query(
-            "UPDATE ops_mission_steps SET status = $2, error = $3, lease_owner = NULL, lease_expires_at = NULL,
-                    run_after = now(), finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE now() END
-             WHERE id = $1",
-        )
-        .bind(step.id)
-        .bind(next)
-        .bind(&error)
-        .execute(&mut *tx)
-        .await?;
+        steps::recover_expired(&mut tx, step.id, next, &error).await?;
         match next {
-            "queued" => {
+            StepStatus::Queued => {
                 recovered += 1;
                 events::emit(
                     &mut tx,
-                    NewEvent::new("step.recovered", sources::HEARTBEAT)
+                    NewEvent::new(EventKind::StepRecovered, Source::Heartbeat)
                         .mission(step.mission_id)
                         .step(step.id)
                         .payload(json!({
@@ -168,7 +134,7 @@ async fn recover_leases(pool: &PgPool, policy: &Policy) -> OpsResult<(u64, u64)>
                 )
                 .await?;
             }
-            "failed" => {
+            StepStatus::Failed => {
                 failed += 1;
                 progress::fail_for_good(
                     &mut tx,
@@ -185,9 +151,7 @@ async fn recover_leases(pool: &PgPool, policy: &Policy) -> OpsResult<(u64, u64)>
         }
     }
     if recovered > 0 {
-        sqlx::query("SELECT pg_notify('ops_steps_ready', '')")
-            .execute(&mut *tx)
-            .await?;
+        steps::wake_workers(&mut tx).await?;
     }
     tx.commit().await?;
     telemetry::step_outcome("recovered", recovered);
@@ -214,21 +178,12 @@ async fn expire_proposals(pool: &PgPool) -> OpsResult<u64> {
 /// A safety net: missions whose steps all succeeded but that are still running (the
 /// worker's own finalization is the usual path). Idempotent.
 async fn finalize_missions(pool: &PgPool) -> OpsResult<u64> {
-    let ids: Vec<i64> = sqlx::query_scalar(
-        "SELECT m.id FROM ops_missions m
-         WHERE m.status = 'running'
-           AND NOT EXISTS (SELECT 1 FROM ops_mission_steps s WHERE s.mission_id = m.id AND s.status <> 'succeeded')
-         LIMIT 500",
-    )
-    .fetch_all(pool)
-    .await?;
-    let mut n = 0;
-    for id in ids {
-        let mut tx = pool.begin().await?;
-        if progress::finalize(&mut tx, id).await? {
-            n += 1;
-        }
-        tx.commit().await?;
+    let ids = missions::awaiting_finalization(pool, 500).await?;
+    if ids.is_empty() {
+        return Ok(0);
     }
+    let mut tx = pool.begin().await?;
+    let n = progress::finalize(&mut tx, &ids).await?;
+    tx.commit().await?;
     Ok(n)
 }

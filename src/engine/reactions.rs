@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
@@ -12,6 +12,7 @@ use crate::db::locks;
 use crate::error::OpsResult;
 use crate::policy::{Policy, Reaction};
 use crate::proposals::{self, NewProposal, ProposalStatus, Source};
+use crate::store;
 
 /// How long one tick may spend on reactions before leaving the rest for the next.
 const BUDGET: Duration = Duration::from_secs(5);
@@ -23,13 +24,7 @@ pub struct Processed {
     pub skipped: u64,
 }
 
-#[derive(Debug, sqlx::FromRow)]
-pub struct PendingEvent {
-    pub id: i64,
-    pub kind: String,
-    pub source: String,
-    pub payload: Value,
-}
+pub use crate::store::events::PendingEvent;
 
 /// Process unprocessed events in batches of `heartbeat.event_batch`, creating at most
 /// `heartbeat.reaction_batch` proposals per tick (a brake on runaway loops).
@@ -40,13 +35,7 @@ pub async fn process(pool: &PgPool, policy: &Policy, paused: bool) -> OpsResult<
     let mut proposals_left = u64::from(policy.heartbeat.reaction_batch);
     while started.elapsed() < BUDGET {
         let mut tx = pool.begin().await?;
-        let events: Vec<PendingEvent> = sqlx::query_as(
-            "SELECT id, kind, source, payload FROM ops_agent_events
-             WHERE processed_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(batch)
-        .fetch_all(&mut *tx)
-        .await?;
+        let events = store::events::lock_unprocessed(&mut tx, batch).await?;
         if events.is_empty() {
             break;
         }
@@ -74,7 +63,8 @@ pub async fn process(pool: &PgPool, policy: &Policy, paused: bool) -> OpsResult<
             for rule in matching {
                 let (status, proposal, reason) =
                     decide(&mut tx, policy, rule, event, paused).await?;
-                record(&mut tx, event.id, &rule.name, status, proposal, &reason).await?;
+                store::reactions::record(&mut tx, event.id, &rule.name, status, proposal, &reason)
+                    .await?;
                 if status == "proposed" {
                     total.proposed += 1;
                     proposals_left = proposals_left.saturating_sub(1);
@@ -84,10 +74,7 @@ pub async fn process(pool: &PgPool, policy: &Policy, paused: bool) -> OpsResult<
             }
             handled.push(event.id);
         }
-        sqlx::query("UPDATE ops_agent_events SET processed_at = now() WHERE id = ANY($1)")
-            .bind(&handled)
-            .execute(&mut *tx)
-            .await?;
+        store::events::mark_processed(&mut tx, &handled).await?;
         tx.commit().await?;
         total.events += handled.len() as u64;
         if handled.len() < events.len() || (events.len() as i64) < batch {
@@ -115,21 +102,15 @@ async fn decide(
     if paused {
         return Ok(("skipped", None, "paused".into()));
     }
-    if let Some(cooldown) = rule.cooldown {
-        let last: Option<DateTime<Utc>> = sqlx::query_scalar(
-            "SELECT max(created_at) FROM ops_agent_reactions WHERE reaction = $1 AND status = 'proposed'",
-        )
-        .bind(&rule.name)
-        .fetch_one(&mut *conn)
-        .await?;
-        if let Some(last) = last {
-            let since = Utc::now()
-                .signed_duration_since(last)
-                .to_std()
-                .unwrap_or_default();
-            if since < cooldown {
-                return Ok(("skipped", None, "cooldown".into()));
-            }
+    if let Some(cooldown) = rule.cooldown
+        && let Some(last) = store::reactions::last_proposed(conn, &rule.name).await?
+    {
+        let since = Utc::now()
+            .signed_duration_since(last)
+            .to_std()
+            .unwrap_or_default();
+        if since < cooldown {
+            return Ok(("skipped", None, "cooldown".into()));
         }
     }
     if rule.probability < 1.0 && rand::random::<f64>() >= rule.probability {
@@ -151,26 +132,4 @@ async fn decide(
         status => status.to_string(),
     };
     Ok(("proposed", Some(proposed.id), reason))
-}
-
-async fn record(
-    conn: &mut PgConnection,
-    event_id: i64,
-    reaction: &str,
-    status: &str,
-    proposal_id: Option<i64>,
-    reason: &str,
-) -> OpsResult<()> {
-    sqlx::query(
-        "INSERT INTO ops_agent_reactions (event_id, reaction, status, proposal_id, reason)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id, reaction) DO NOTHING",
-    )
-    .bind(event_id)
-    .bind(reaction)
-    .bind(status)
-    .bind(proposal_id)
-    .bind(reason)
-    .execute(conn)
-    .await?;
-    Ok(())
 }

@@ -12,6 +12,7 @@ use sqlx::PgPool;
 
 use crate::error::OpsResult;
 use crate::policy::RetentionPolicy;
+use crate::store::{self, events, reactions, runs};
 
 /// Statements per kind of row and tick: with `batch` rows each, a tick's work is bounded.
 const ROUNDS: u32 = 10;
@@ -25,6 +26,9 @@ pub struct Deleted {
     pub notifications: u64,
 }
 
+// The deletes of the tables that have an owner module are that owner's
+// (`delete_expired`); this module keeps what is deleted when.
+
 /// Decided proposals and their finished missions (steps, approvals and dead letters go
 /// with them by cascade).
 const PROPOSALS: &str = "DELETE FROM ops_mission_proposals WHERE id IN (
@@ -33,21 +37,6 @@ const PROPOSALS: &str = "DELETE FROM ops_mission_proposals WHERE id IN (
     WHERE p.status <> 'pending' AND p.decided_at < $1
       AND (m.id IS NULL OR (m.status <> 'running' AND m.finished_at < $1))
     LIMIT $2)";
-
-// Events and action runs are walked in id order (ids grow with time), so the oldest
-// come first without an index on their timestamps, which every insert would pay for.
-const EVENTS: &str = "DELETE FROM ops_agent_events WHERE id IN (
-    SELECT e.id FROM ops_agent_events e
-    WHERE e.created_at < $1 AND e.processed_at IS NOT NULL
-      AND NOT EXISTS (SELECT 1 FROM ops_notifications n WHERE n.event_id = e.id AND n.status = 'pending')
-      AND NOT EXISTS (SELECT 1 FROM ops_missions m WHERE m.id = e.mission_id AND m.status = 'running')
-    ORDER BY e.id LIMIT $2)";
-
-const REACTIONS: &str = "DELETE FROM ops_agent_reactions WHERE id IN (
-    SELECT id FROM ops_agent_reactions WHERE created_at < $1 ORDER BY created_at LIMIT $2)";
-
-const ACTION_RUNS: &str = "DELETE FROM ops_action_runs WHERE id IN (
-    SELECT id FROM ops_action_runs WHERE started_at < $1 ORDER BY id LIMIT $2)";
 
 const NOTIFICATIONS: &str = "DELETE FROM ops_notifications WHERE id IN (
     SELECT n.id FROM ops_notifications n
@@ -62,27 +51,43 @@ const NOTIFICATIONS: &str = "DELETE FROM ops_notifications WHERE id IN (
 pub async fn enforce(pool: &PgPool, policy: &RetentionPolicy) -> OpsResult<Deleted> {
     let batch = i64::from(policy.batch.max(1));
     Ok(Deleted {
-        proposals: prune(pool, PROPOSALS, policy.missions, batch).await?,
-        events: prune(pool, EVENTS, policy.events, batch).await?,
-        reactions: prune(pool, REACTIONS, policy.reactions, batch).await?,
-        action_runs: prune(pool, ACTION_RUNS, policy.action_runs, batch).await?,
-        notifications: prune(pool, NOTIFICATIONS, policy.notifications, batch).await?,
+        proposals: prune(policy.missions, batch, |c, n| {
+            store::delete_older(pool, PROPOSALS, c, n)
+        })
+        .await?,
+        events: prune(policy.events, batch, |c, n| {
+            events::delete_expired(pool, c, n)
+        })
+        .await?,
+        reactions: prune(policy.reactions, batch, |c, n| {
+            reactions::delete_expired(pool, c, n)
+        })
+        .await?,
+        action_runs: prune(policy.action_runs, batch, |c, n| {
+            runs::delete_expired(pool, c, n)
+        })
+        .await?,
+        notifications: prune(policy.notifications, batch, |c, n| {
+            store::delete_older(pool, NOTIFICATIONS, c, n)
+        })
+        .await?,
     })
 }
 
-async fn prune(pool: &PgPool, sql: &str, keep: Option<Duration>, batch: i64) -> OpsResult<u64> {
+/// Delete what is older than `keep` with `delete(cutoff, batch)`, a batch at a time,
+/// for at most `ROUNDS` batches.
+async fn prune<F, Fut>(keep: Option<Duration>, batch: i64, delete: F) -> OpsResult<u64>
+where
+    F: Fn(DateTime<Utc>, i64) -> Fut,
+    Fut: Future<Output = OpsResult<u64>>,
+{
     let Some(keep) = keep else {
         return Ok(0);
     };
     let cutoff: DateTime<Utc> = Utc::now() - crate::db::interval(keep);
     let mut total = 0;
     for _ in 0..ROUNDS {
-        let gone = sqlx::query(sql)
-            .bind(cutoff)
-            .bind(batch)
-            .execute(pool)
-            .await?
-            .rows_affected();
+        let gone = delete(cutoff, batch).await?;
         total += gone;
         if gone < batch as u64 {
             break;

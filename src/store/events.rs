@@ -1,6 +1,11 @@
-//! The append-only event log. Every state change writes its event through here, in the
-//! same transaction as the change; NOTIFY is delivered on commit, so listeners never
-//! see an event whose change was rolled back.
+//! Owner of `ops_agent_events`, the append-only event log. Every state change writes its
+//! event through here, in the same transaction as the change; NOTIFY is delivered on
+//! commit, so listeners never see an event whose change was rolled back.
+//!
+//! An event's life: written (`emit`, or `insert_events!` inside a set-based statement of
+//! another owner) → processed (already at insert when no reaction rule can match its
+//! kind, else `lock_unprocessed` → `mark_processed` by the heartbeat) → `delete_expired`
+//! by retention.
 
 use std::borrow::Cow;
 
@@ -10,6 +15,31 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
 use crate::error::{OpsError, OpsResult};
+
+/// The one event insert, as SQL text: `insert_events!(kinds: "$4", rows: "<rows>")` is
+/// an `INSERT INTO ops_agent_events` of `<rows>`, a query (or `VALUES`) giving, in
+/// order, `kind, source, proposal_id, mission_id, step_id, payload` (NULL ids typed
+/// `::bigint`). Other owners put it in their set-based statements as a CTE, so a batch
+/// writes its events in the same statement, in `<rows>`' order (ids follow it).
+/// `kinds` lists the kinds the rows have (bound parameters, `$8, $9`): their
+/// `ops_processed_at` (a query) runs once per statement, not once per row. A row of
+/// another kind is still right, only slower.
+macro_rules! insert_events {
+    (kinds: $kinds:expr, rows: $rows:expr $(,)?) => {
+        concat!(
+            "INSERT INTO ops_agent_events (kind, source, proposal_id, mission_id, step_id, payload, processed_at)
+             WITH ev_kinds AS MATERIALIZED (
+                SELECT kind, ops_processed_at(kind) AS processed_at
+                FROM unnest(ARRAY[", $kinds, "]::text[]) AS kind)
+             SELECT e.kind, e.source, e.proposal_id, e.mission_id, e.step_id, e.payload,
+                    CASE WHEN e.kind = ANY(ARRAY[", $kinds, "]::text[])
+                         THEN (SELECT k.processed_at FROM ev_kinds k WHERE k.kind = e.kind)
+                         ELSE ops_processed_at(e.kind) END
+             FROM (", $rows, ") AS e (kind, source, proposal_id, mission_id, step_id, payload)"
+        )
+    };
+}
+pub(crate) use insert_events;
 
 /// Who wrote an event.
 pub mod sources {
@@ -88,10 +118,13 @@ async fn append(
     event: &NewEvent,
 ) -> OpsResult<i64> {
     // The insert trigger sends the NOTIFY (see the migration).
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO ops_agent_events (kind, source, proposal_id, mission_id, step_id, payload, processed_at)
-         VALUES ($1, $2, $3, $4, $5, $6, ops_processed_at($1)) RETURNING id",
-    )
+    let id: i64 = sqlx::query_scalar(concat!(
+        insert_events!(
+            kinds: "$1",
+            rows: "VALUES ($1::text, $2::text, $3::bigint, $4::bigint, $5::bigint, $6::jsonb)",
+        ),
+        " RETURNING id"
+    ))
     .bind(kind)
     .bind(source)
     .bind(event.proposal_id)
@@ -101,6 +134,54 @@ async fn append(
     .fetch_one(&mut *conn)
     .await?;
     Ok(id)
+}
+
+/// An event waiting for the reactions, as the heartbeat reads it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct PendingEvent {
+    pub id: i64,
+    pub kind: String,
+    pub source: String,
+    pub payload: Value,
+}
+
+/// The oldest `limit` unprocessed events, locked until the caller's transaction ends
+/// (SKIP LOCKED: a second tick never takes the same ones).
+pub async fn lock_unprocessed(conn: &mut PgConnection, limit: i64) -> OpsResult<Vec<PendingEvent>> {
+    Ok(sqlx::query_as(
+        "SELECT id, kind, source, payload FROM ops_agent_events
+         WHERE processed_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// The reactions have decided on these events.
+pub async fn mark_processed(conn: &mut PgConnection, ids: &[i64]) -> OpsResult<()> {
+    sqlx::query("UPDATE ops_agent_events SET processed_at = now() WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Retention: up to `limit` processed events older than `cutoff`, oldest first, except
+/// those a pending notification will still render and those of a running mission.
+/// Walks ids (they grow with time), so no index on `created_at` is needed.
+pub async fn delete_expired(pool: &PgPool, cutoff: DateTime<Utc>, limit: i64) -> OpsResult<u64> {
+    super::delete_older(
+        pool,
+        "DELETE FROM ops_agent_events WHERE id IN (
+            SELECT e.id FROM ops_agent_events e
+            WHERE e.created_at < $1 AND e.processed_at IS NOT NULL
+              AND NOT EXISTS (SELECT 1 FROM ops_notifications n WHERE n.event_id = e.id AND n.status = 'pending')
+              AND NOT EXISTS (SELECT 1 FROM ops_missions m WHERE m.id = e.mission_id AND m.status = 'running')
+            ORDER BY e.id LIMIT $2)",
+        cutoff,
+        limit,
+    )
+    .await
 }
 
 /// Event kinds users may emit: `^[a-z][a-z0-9_.-]{0,63}$` (design §4).

@@ -1,71 +1,22 @@
 //! Missions: approved proposals being executed, step by step. Creation and cancel live
-//! here; the worker moves steps along (see `worker`), the heartbeat finalizes.
+//! here (their statements in `store::missions` and `store::steps`); the worker moves
+//! steps along (`progress`), the heartbeat recovers lost leases and finalizes.
 
 pub mod progress;
-
-use std::fmt;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 
-use crate::db::channels;
+use crate::domain::vocab::EventKind;
+pub use crate::domain::vocab::{MissionStatus, StepStatus};
 use crate::error::{OpsError, OpsResult};
-use crate::events::{self, NewEvent};
 use crate::steps::StepSpec;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MissionStatus {
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StepStatus {
-    Waiting,
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-macro_rules! status_words {
-    ($ty:ident { $($variant:ident => $word:literal),+ $(,)? }) => {
-        impl $ty {
-            pub fn as_str(self) -> &'static str {
-                match self { $($ty::$variant => $word),+ }
-            }
-            pub fn parse(s: &str) -> Option<$ty> {
-                match s { $($word => Some($ty::$variant),)+ _ => None }
-            }
-        }
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
-}
-
-status_words!(MissionStatus {
-    Running => "running", Succeeded => "succeeded", Failed => "failed", Cancelled => "cancelled",
-});
-status_words!(StepStatus {
-    Waiting => "waiting", Queued => "queued", Running => "running",
-    Succeeded => "succeeded", Failed => "failed", Cancelled => "cancelled",
-});
-
-impl MissionStatus {
-    pub fn is_final(self) -> bool {
-        self != MissionStatus::Running
-    }
-}
+use crate::store::{
+    self,
+    events::{self, NewEvent},
+};
 
 /// One step of a proposal's plan, params already substituted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,37 +35,15 @@ pub async fn create(
     plan: &[PlannedStep],
     source: &str,
 ) -> OpsResult<i64> {
-    let mission_id: i64 = sqlx::query_scalar(
-        "INSERT INTO ops_missions (proposal_id, template, status, started_at)
-         VALUES ($1, $2, 'running', now()) RETURNING id",
-    )
-    .bind(proposal_id)
-    .bind(template)
-    .fetch_one(&mut *conn)
-    .await?;
-
+    let mission_id = store::missions::create(conn, proposal_id, template).await?;
     let names: Vec<&str> = plan.iter().map(|s| s.name.as_str()).collect();
     let kinds: Vec<&str> = plan.iter().map(|s| s.spec.kind().as_str()).collect();
     let specs: Vec<Value> = plan.iter().map(|s| json!(s.spec)).collect();
     let attempts: Vec<i32> = plan.iter().map(|s| s.max_attempts).collect();
-    sqlx::query(
-        "INSERT INTO ops_mission_steps (mission_id, seq, name, kind, spec, max_attempts, status)
-         SELECT $1, s.seq, s.name, s.kind, s.spec, s.max_attempts,
-                CASE WHEN s.seq = 1 THEN 'queued' ELSE 'waiting' END
-         FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int[])
-              WITH ORDINALITY AS s(name, kind, spec, max_attempts, seq)",
-    )
-    .bind(mission_id)
-    .bind(&names)
-    .bind(&kinds)
-    .bind(&specs)
-    .bind(&attempts)
-    .execute(&mut *conn)
-    .await?;
-
+    store::steps::create(conn, mission_id, &names, &kinds, &specs, &attempts).await?;
     events::emit(
         conn,
-        NewEvent::new("mission.started", source.to_string())
+        NewEvent::new(EventKind::MissionStarted, source.to_string())
             .proposal(proposal_id)
             .mission(mission_id)
             .payload(json!({ "template": template, "steps": names })),
@@ -130,49 +59,28 @@ pub async fn create(
 /// cancel: no step of a cancelled mission is queued, retried or claimed again.
 pub async fn cancel(pool: &PgPool, mission_id: i64, actor: &str, source: &str) -> OpsResult<()> {
     let mut tx = pool.begin().await?;
-    let status: String =
-        sqlx::query_scalar("SELECT status FROM ops_missions WHERE id = $1 FOR UPDATE")
-            .bind(mission_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| OpsError::bad_input(format!("there is no mission #{mission_id}")))?;
-    if status != "running" {
-        return Err(OpsError::refused(format!(
-            "mission #{mission_id} is already {status}"
-        )));
+    let status = store::missions::lock(&mut tx, mission_id)
+        .await?
+        .ok_or_else(|| OpsError::bad_input(format!("there is no mission #{mission_id}")))?;
+    let already = || OpsError::refused(format!("mission #{mission_id} is already {status}"));
+    if status.is_finished() {
+        return Err(already());
     }
-    sqlx::query(
-        "UPDATE ops_missions SET status = 'cancelled', finished_at = now(), error = $2 WHERE id = $1",
-    )
-    .bind(mission_id)
-    .bind(format!("cancelled by {actor}"))
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "UPDATE ops_mission_steps SET status = 'cancelled', finished_at = now()
-         WHERE mission_id = $1 AND status IN ('queued', 'waiting')",
-    )
-    .bind(mission_id)
-    .execute(&mut *tx)
-    .await?;
-    let template: String = sqlx::query_scalar("SELECT template FROM ops_missions WHERE id = $1")
-        .bind(mission_id)
-        .fetch_one(&mut *tx)
-        .await?;
+    let by = format!("cancelled by {actor}");
+    let template = store::missions::cancel(&mut tx, mission_id, &by)
+        .await?
+        .ok_or_else(already)?;
+    store::steps::cancel_remaining(&mut tx, mission_id).await?;
     events::emit(
         &mut tx,
-        NewEvent::new("mission.cancelled", source.to_string())
+        NewEvent::new(EventKind::MissionCancelled, source.to_string())
             .mission(mission_id)
             .payload(json!({ "template": template, "by": actor })),
     )
     .await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(channels::CANCEL)
-        .bind(mission_id.to_string())
-        .execute(&mut *tx)
-        .await?;
+    store::missions::announce_cancel(&mut tx, mission_id).await?;
     tx.commit().await?;
-    crate::telemetry::mission_finished("cancelled");
+    crate::telemetry::mission_finished(MissionStatus::Cancelled.as_str());
     Ok(())
 }
 
@@ -181,7 +89,7 @@ pub struct MissionSummary {
     pub id: i64,
     pub proposal_id: i64,
     pub template: String,
-    pub status: String,
+    pub status: MissionStatus,
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -195,7 +103,7 @@ pub struct StepView {
     pub seq: i32,
     pub name: String,
     pub kind: String,
-    pub status: String,
+    pub status: StepStatus,
     pub attempts: i32,
     pub max_attempts: i32,
     pub started_at: Option<DateTime<Utc>>,

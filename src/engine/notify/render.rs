@@ -155,7 +155,9 @@ pub async fn mission(pool: &PgPool, mission_id: i64) -> OpsResult<Rendered> {
             _ => "▫️",
         };
         text.push_str(&format!("{icon} {}", escape(&s.name)));
-        if s.attempts > 1 || (s.status == "queued" && s.attempts > 0) {
+        if s.attempts > 1
+            || (s.status == crate::domain::vocab::StepStatus::Queued && s.attempts > 0)
+        {
             text.push_str(&format!(" (attempt {}/{})", s.attempts, s.max_attempts));
         }
         text.push('\n');

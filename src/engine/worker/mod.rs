@@ -4,7 +4,7 @@
 //! polls as a fallback. A worker that has gone one lease without renewing (the database
 //! out of reach) kills its steps: by then the heartbeat may have given them to another.
 
-pub mod queue;
+mod completer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,12 +21,13 @@ use tracing::{Instrument, info, warn};
 
 use crate::db::channels;
 use crate::executors::{self, Executors, Outcome, StepContext};
-use crate::missions::progress::{self, Ending, Lease};
+use crate::missions::progress::{Ending, Lease};
 use crate::policy::Policy;
 use crate::policy::store::PolicyCache;
 use crate::steps::StepSpec;
+use crate::store::steps::{self, Claimed};
+use crate::store::workers;
 use crate::telemetry;
-use queue::Claimed;
 
 /// How long running steps may take to finish after SIGTERM before they are released.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -34,8 +35,6 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_secs(1);
 /// With slots busy, wait this long for more to free before claiming, so claims batch.
 const CLAIM_COALESCE: Duration = Duration::from_millis(2);
-/// Endings stored in one transaction at most.
-const COMPLETION_BATCH: usize = 512;
 /// Steps this short on average (and no longer) are prefetched: a worker then holds up to
 /// `PREFETCH` × concurrency leased steps so claims and completions batch, while only
 /// `concurrency` execute at once. Longer steps are never held waiting in one worker.
@@ -92,7 +91,7 @@ impl Worker {
     pub fn new(pool: PgPool, policy: PolicyCache, concurrency: usize) -> Worker {
         let id = format!(
             "{}:{}:{:04x}",
-            queue::hostname(),
+            hostname(),
             std::process::id(),
             rand::random::<u16>()
         );
@@ -109,14 +108,18 @@ impl Worker {
     /// Run until `shutdown`, then let running steps finish within `grace` and give the
     /// rest back to the queue.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) -> anyhow::Result<()> {
-        queue::register(&self.pool, &self.id, &queue::hostname(), self.concurrency).await?;
+        workers::register(&self.pool, &self.id, &hostname(), self.concurrency).await?;
         info!(worker = %self.id, concurrency = self.concurrency, "worker started");
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener
             .listen_all([channels::STEPS_READY, channels::CANCEL])
             .await?;
         let (endings, received) = mpsc::unbounded_channel();
-        let completer = tokio::spawn(complete(self.pool.clone(), self.policy.clone(), received));
+        let completer = tokio::spawn(completer::complete(
+            self.pool.clone(),
+            self.policy.clone(),
+            received,
+        ));
 
         let mut running: HashMap<i64, Running> = HashMap::new();
         let mut tasks: JoinSet<Done> = JoinSet::new();
@@ -156,7 +159,7 @@ impl Worker {
                 last_claim = Instant::now();
                 next_poll = last_claim + POLL;
                 let idle = running.is_empty();
-                match queue::claim(&self.pool, &self.id, free as i64, lease).await {
+                match steps::claim_ready(&self.pool, &self.id, free as i64, lease).await {
                     Ok(claimed) => {
                         telemetry::steps_claimed(claimed.len());
                         if idle {
@@ -271,7 +274,7 @@ impl Worker {
         // Let the completer store what is left, then say goodbye.
         drop(endings);
         let _ = completer.await;
-        let _ = queue::seen(&self.pool, &self.id, true).await;
+        let _ = workers::stopped(&self.pool, &self.id).await;
         info!(worker = %self.id, "worker stopped");
         Ok(())
     }
@@ -326,7 +329,7 @@ impl Worker {
         };
         match step.stop.load(Ordering::SeqCst) {
             STOP_SHUTDOWN => {
-                match queue::release(&self.pool, &self.id, done.step_id, step.attempt).await {
+                match steps::release(&self.pool, &self.id, done.step_id, step.attempt).await {
                     Ok(_) => info!(
                         step_id = done.step_id,
                         "released at shutdown; another worker will run it"
@@ -368,11 +371,11 @@ impl Worker {
     ) -> bool {
         let renewal = async {
             if running.is_empty() {
-                let _ = queue::seen(&self.pool, &self.id, false).await;
+                let _ = workers::seen(&self.pool, &self.id).await;
                 return Ok(());
             }
             let held: Vec<(i64, i32)> = running.iter().map(|(id, r)| (*id, r.attempt)).collect();
-            let still = queue::renew(&self.pool, &self.id, &held, lease).await?;
+            let still = steps::renew_leases(&self.pool, &self.id, &held, lease).await?;
             let still: HashMap<i64, bool> = still.into_iter().collect();
             for (id, step) in running {
                 match still.get(id) {
@@ -386,7 +389,7 @@ impl Worker {
                     Some(false) => {}
                 }
             }
-            let _ = queue::seen(&self.pool, &self.id, false).await;
+            let _ = workers::seen(&self.pool, &self.id).await;
             Ok::<(), crate::error::OpsError>(())
         };
         match tokio::time::timeout_at(until, renewal).await {
@@ -499,53 +502,14 @@ async fn execute(
     }
 }
 
-/// Store endings in batches of whatever has arrived, until the sender is dropped.
-async fn complete(
-    pool: PgPool,
-    policy: PolicyCache,
-    mut received: mpsc::UnboundedReceiver<(Lease, Ending)>,
-) {
-    let mut batch = Vec::with_capacity(COMPLETION_BATCH);
-    while received.recv_many(&mut batch, COMPLETION_BATCH).await > 0 {
-        let pause_after_failures = policy.get().await.gates.pause_after_failures;
-        store(&pool, &batch, pause_after_failures).await;
-        batch.clear();
+/// This machine's name, for `ops_workers.host`.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
     }
-}
-
-/// Store a batch, retrying on database trouble until it lands; refused endings (lost
-/// leases) are only logged.
-async fn store(pool: &PgPool, batch: &[(Lease, Ending)], pause_after_failures: u32) {
-    let mut delay = Duration::from_millis(100);
-    for _ in 0..20 {
-        let attempt = async {
-            let mut tx = pool.begin().await?;
-            let stored = progress::finish_batch(&mut tx, batch, pause_after_failures).await?;
-            tx.commit().await?;
-            Ok::<Vec<bool>, crate::error::OpsError>(stored)
-        };
-        match attempt.await {
-            Ok(stored) => {
-                for ((lease, _), ok) in batch.iter().zip(stored) {
-                    if !ok {
-                        warn!(
-                            step_id = lease.step_id,
-                            attempt = lease.attempt,
-                            "result refused: this worker no longer holds the step's lease"
-                        );
-                    }
-                }
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, steps = batch.len(), "storing step results failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-    warn!(
-        steps = batch.len(),
-        "giving up storing results; their leases will expire and the steps be retried"
-    );
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }

@@ -180,7 +180,7 @@ async fn status(pool: &PgPool, json: bool) -> OpsResult<i32> {
 async fn missions(pool: &PgPool, status: Option<String>, limit: i64, json: bool) -> OpsResult<i32> {
     let status = match status {
         None => None,
-        Some(s) => Some(MissionStatus::parse(&s).ok_or_else(|| {
+        Some(s) => Some(s.parse::<MissionStatus>().map_err(|_| {
             OpsError::bad_input(format!(
                 "unknown mission status {s:?} (running, succeeded, failed, cancelled)"
             ))

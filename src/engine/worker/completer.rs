@@ -1,0 +1,65 @@
+//! The completer: endings arrive from the worker's steps and are stored in batches,
+//! each only while its lease holds (`missions::progress::finish_batch`).
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::missions::progress::{self, Ending, Lease};
+use crate::policy::store::PolicyCache;
+
+/// Endings stored in one transaction at most.
+const COMPLETION_BATCH: usize = 512;
+
+/// Store endings in batches of whatever has arrived, until the sender is dropped.
+pub(super) async fn complete(
+    pool: PgPool,
+    policy: PolicyCache,
+    mut received: mpsc::UnboundedReceiver<(Lease, Ending)>,
+) {
+    let mut batch = Vec::with_capacity(COMPLETION_BATCH);
+    while received.recv_many(&mut batch, COMPLETION_BATCH).await > 0 {
+        let pause_after_failures = policy.get().await.gates.pause_after_failures;
+        store(&pool, &batch, pause_after_failures).await;
+        batch.clear();
+    }
+}
+
+/// Store a batch, retrying on database trouble until it lands; refused endings (lost
+/// leases) are only logged.
+async fn store(pool: &PgPool, batch: &[(Lease, Ending)], pause_after_failures: u32) {
+    let mut delay = Duration::from_millis(100);
+    for _ in 0..20 {
+        let attempt = async {
+            let mut tx = pool.begin().await?;
+            let stored = progress::finish_batch(&mut tx, batch, pause_after_failures).await?;
+            tx.commit().await?;
+            Ok::<Vec<bool>, crate::error::OpsError>(stored)
+        };
+        match attempt.await {
+            Ok(stored) => {
+                for ((lease, _), ok) in batch.iter().zip(stored) {
+                    if !ok {
+                        warn!(
+                            step_id = lease.step_id,
+                            attempt = lease.attempt,
+                            "result refused: this worker no longer holds the step's lease"
+                        );
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, steps = batch.len(), "storing step results failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    warn!(
+        steps = batch.len(),
+        "giving up storing results; their leases will expire and the steps be retried"
+    );
+}

@@ -1,0 +1,352 @@
+//! Owner of `ops_mission_steps`: every statement that changes a step, one per transition.
+//!
+//! ```text
+//! create ─▶ queued (the first step) / waiting (the rest)
+//! waiting ──queue_next──▶ queued ──claim_ready──▶ running   (renew_leases keeps it ours)
+//! running ──store_endings──▶ succeeded | cancelled | failed | queued (a retry, after its backoff)
+//! running ──release──▶ queued          (shutdown: the interrupted attempt does not count)
+//! running ──recover_expired──▶ queued | failed | cancelled   (the lease ran out: the heartbeat)
+//! waiting, queued ──cancel_remaining──▶ cancelled   (the mission failed or was cancelled)
+//! ```
+//!
+//! Every change of a running step is fenced on (id, lease owner, attempt), so a worker
+//! presumed dead can never overwrite the attempt that replaced it.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+
+use crate::db::{channels, interval};
+use crate::domain::vocab::{EventKind, MissionStatus, Source, StepStatus};
+use crate::error::OpsResult;
+use crate::store::events::insert_events;
+use crate::store::runs::insert_runs;
+
+/// Insert a mission's steps in order: the first `queued`, the rest `waiting`. The
+/// insert trigger wakes the workers. The slices are the steps' columns, in order.
+pub async fn create(
+    conn: &mut PgConnection,
+    mission_id: i64,
+    names: &[&str],
+    kinds: &[&str],
+    specs: &[Value],
+    max_attempts: &[i32],
+) -> OpsResult<()> {
+    sqlx::query(
+        "INSERT INTO ops_mission_steps (mission_id, seq, name, kind, spec, max_attempts, status)
+         SELECT $1, s.seq, s.name, s.kind, s.spec, s.max_attempts,
+                CASE WHEN s.seq = 1 THEN 'queued' ELSE 'waiting' END
+         FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int[])
+              WITH ORDINALITY AS s(name, kind, spec, max_attempts, seq)",
+    )
+    .bind(mission_id)
+    .bind(names)
+    .bind(kinds)
+    .bind(specs)
+    .bind(max_attempts)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A step this worker now holds under a lease.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Claimed {
+    pub id: i64,
+    pub mission_id: i64,
+    pub name: String,
+    pub spec: Value,
+    pub attempts: i32,
+    pub params: Value,
+}
+
+/// Claim up to `limit` ready steps (oldest first) unless paused, starting a new
+/// attempt of each and writing their `step.started` events, in one statement. A step
+/// whose mission is no longer running (cancelled, failed) is never claimed.
+pub async fn claim_ready(
+    pool: &PgPool,
+    owner: &str,
+    limit: i64,
+    lease: Duration,
+) -> OpsResult<Vec<Claimed>> {
+    Ok(sqlx::query_as(concat!(
+        "WITH ready AS (
+            SELECT id FROM ops_mission_steps
+            WHERE status = 'queued' AND run_after <= now()
+              AND (SELECT m.status FROM ops_missions m WHERE m.id = ops_mission_steps.mission_id) = 'running'
+              AND NOT (SELECT ops_paused())
+            ORDER BY run_after, id
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED
+         ), claimed AS (
+            UPDATE ops_mission_steps s
+            SET status = 'running', attempts = s.attempts + 1, lease_owner = $1,
+                lease_expires_at = now() + $3, started_at = now(), finished_at = NULL
+            -- = ANY(ARRAY(..)): look the rows up by key; a join here seq-scans the table.
+            WHERE s.id = ANY(ARRAY(SELECT id FROM ready))
+            RETURNING s.id, s.mission_id, s.name, s.spec, s.attempts
+         ), started AS (",
+        insert_events!(
+            kinds: "$4",
+            rows: "SELECT $4::text, $5::text, NULL::bigint, c.mission_id, c.id,
+                    jsonb_build_object('name', c.name, 'attempt', c.attempts, 'worker', $1::text)
+             FROM claimed c",
+        ),
+        ")
+         SELECT c.id, c.mission_id, c.name, c.spec, c.attempts, x.params
+         FROM claimed c
+         CROSS JOIN LATERAL (
+            SELECT p.params FROM ops_missions m JOIN ops_mission_proposals p ON p.id = m.proposal_id
+            WHERE m.id = c.mission_id) x
+         ORDER BY c.id"
+    ))
+    .bind(owner)
+    .bind(limit)
+    .bind(interval(lease))
+    .bind(EventKind::StepStarted.as_str())
+    .bind(Source::Worker.as_str())
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Extend the leases this worker holds. Returns the steps it still holds and whether
+/// their mission was cancelled meanwhile; a step missing from the answer was lost.
+pub async fn renew_leases(
+    pool: &PgPool,
+    owner: &str,
+    held: &[(i64, i32)],
+    lease: Duration,
+) -> OpsResult<Vec<(i64, bool)>> {
+    let ids: Vec<i64> = held.iter().map(|s| s.0).collect();
+    let attempts: Vec<i32> = held.iter().map(|s| s.1).collect();
+    Ok(sqlx::query_as(
+        "UPDATE ops_mission_steps s SET lease_expires_at = now() + $4
+         FROM unnest($2::bigint[], $3::int[]) AS held(id, attempt)
+         WHERE s.id = ANY($2) AND s.id = held.id AND s.attempts = held.attempt
+           AND s.lease_owner = $1 AND s.status = 'running'
+         RETURNING s.id, (SELECT m.status = 'cancelled' FROM ops_missions m WHERE m.id = s.mission_id)",
+    )
+    .bind(owner)
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(interval(lease))
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Give a step back to the queue at shutdown (and wake the workers): the interrupted
+/// attempt does not count. False when the lease was no longer held.
+pub async fn release(pool: &PgPool, owner: &str, step_id: i64, attempt: i32) -> OpsResult<bool> {
+    let released = sqlx::query(
+        "WITH r AS (
+            UPDATE ops_mission_steps
+            SET status = 'queued', attempts = greatest(attempts - 1, 0), run_after = now(),
+                lease_owner = NULL, lease_expires_at = NULL, started_at = NULL
+            WHERE id = $1 AND lease_owner = $2 AND attempts = $3 AND status = 'running'
+            RETURNING id)
+         SELECT pg_notify($4, '') FROM r",
+    )
+    .bind(step_id)
+    .bind(owner)
+    .bind(attempt)
+    .bind(channels::STEPS_READY)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(released > 0)
+}
+
+/// How one attempt ended, to be stored under its lease.
+#[derive(Debug)]
+pub struct EndingRow<'a> {
+    pub step_id: i64,
+    pub owner: &'a str,
+    pub attempt: i32,
+    /// `Succeeded`, `Cancelled` or `Failed` (then queued again while attempts are left).
+    pub outcome: StepStatus,
+    pub result: &'a Value,
+    pub error: Option<&'a str>,
+    pub retry_in: Duration,
+}
+
+/// A stored attempt, as the fenced update returned it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Stored {
+    pub id: i64,
+    pub mission_id: i64,
+    pub name: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub outcome: StepStatus,
+    /// After a success: the mission's next step (none: it was the last).
+    pub next_id: Option<i64>,
+}
+
+impl Stored {
+    /// A failure with no attempt left: the step failed for good.
+    pub fn out_of_attempts(&self) -> bool {
+        self.outcome == StepStatus::Failed && self.attempts >= self.max_attempts
+    }
+}
+
+/// Store attempts' endings where their lease still holds (fenced on id, owner and
+/// attempt), with their `ops_action_runs` rows and their `step.succeeded` /
+/// `step.retrying` events, in one statement (the worker's hot path). A failure with
+/// attempts left goes back to the queue, due after its backoff. Endings whose lease was
+/// lost are missing from the answer.
+pub async fn store_endings(
+    conn: &mut PgConnection,
+    rows: &[EndingRow<'_>],
+) -> OpsResult<Vec<Stored>> {
+    let ids: Vec<i64> = rows.iter().map(|r| r.step_id).collect();
+    let owners: Vec<&str> = rows.iter().map(|r| r.owner).collect();
+    let attempts: Vec<i32> = rows.iter().map(|r| r.attempt).collect();
+    let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome.as_str()).collect();
+    let results: Vec<&Value> = rows.iter().map(|r| r.result).collect();
+    let errors: Vec<Option<&str>> = rows.iter().map(|r| r.error).collect();
+    let retry_ms: Vec<i64> = rows
+        .iter()
+        .map(|r| i64::try_from(r.retry_in.as_millis()).unwrap_or(i64::MAX))
+        .collect();
+    Ok(sqlx::query_as(concat!(
+        "WITH input AS (
+            SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::jsonb[], $6::text[], $7::bigint[])
+              AS i(id, owner, attempt, outcome, result, error, retry_ms)
+         ), stored AS (
+            UPDATE ops_mission_steps s SET
+                status = CASE WHEN i.outcome = 'failed' AND s.attempts < s.max_attempts THEN 'queued' ELSE i.outcome END,
+                run_after = CASE WHEN i.outcome = 'failed' AND s.attempts < s.max_attempts
+                                 THEN now() + i.retry_ms * interval '1 millisecond' ELSE s.run_after END,
+                finished_at = CASE WHEN i.outcome = 'failed' AND s.attempts < s.max_attempts THEN NULL ELSE now() END,
+                result = i.result, error = i.error, lease_owner = NULL, lease_expires_at = NULL
+            FROM input i
+            -- s.id = ANY($1) offers the planner the key; with lagging statistics it may
+            -- still walk the lease index, whose rows are only the running steps.
+            WHERE s.id = ANY($1) AND s.id = i.id AND s.lease_owner = i.owner AND s.attempts = i.attempt AND s.status = 'running'
+            RETURNING s.id, s.mission_id, s.seq, s.name, s.attempts, s.max_attempts, s.started_at,
+                      i.outcome, i.error, i.retry_ms, i.owner,
+                      -- a correlated probe by key (mission, seq), only after a success
+                      CASE WHEN i.outcome = 'succeeded' THEN
+                          (SELECT n.id FROM ops_mission_steps n
+                           WHERE n.mission_id = s.mission_id AND n.seq = s.seq + 1) END AS next_id
+         ), runs AS (",
+        insert_runs!(
+            "SELECT 'step', id, attempts, owner, outcome, jsonb_build_object('error', error),
+                    coalesce(started_at, now()), now()
+             FROM stored"
+        ),
+        "), events AS (",
+        insert_events!(
+            kinds: "$8, $9",
+            rows: "SELECT CASE WHEN outcome = 'succeeded' THEN $8::text ELSE $9::text END,
+                    $10::text, NULL::bigint, mission_id, id,
+                    CASE WHEN outcome = 'succeeded' THEN jsonb_build_object('name', name, 'attempt', attempts)
+                         ELSE jsonb_build_object('name', name, 'attempt', attempts, 'max_attempts', max_attempts,
+                                                 'error', error, 'retry_in_ms', retry_ms) END
+             FROM stored
+             WHERE outcome = 'succeeded' OR (outcome = 'failed' AND attempts < max_attempts)
+             ORDER BY id",
+        ),
+        ")
+         SELECT id, mission_id, name, attempts, max_attempts, outcome, next_id FROM stored"
+    ))
+    .bind(&ids)
+    .bind(&owners)
+    .bind(&attempts)
+    .bind(&outcomes)
+    .bind(&results)
+    .bind(&errors)
+    .bind(&retry_ms)
+    .bind(EventKind::StepSucceeded.as_str())
+    .bind(EventKind::StepRetrying.as_str())
+    .bind(Source::Worker.as_str())
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Queue these waiting steps (the next of their missions) and wake the workers.
+pub async fn queue_next(conn: &mut PgConnection, step_ids: &[i64]) -> OpsResult<()> {
+    sqlx::query(
+        "WITH next AS (
+            UPDATE ops_mission_steps SET status = 'queued', run_after = now()
+            WHERE id = ANY($1) AND status = 'waiting'
+            RETURNING 1)
+         SELECT pg_notify($2, '') FROM (SELECT 1 FROM next LIMIT 1) one",
+    )
+    .bind(step_ids)
+    .bind(channels::STEPS_READY)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Cancel a mission's steps that have not started (waiting, queued).
+pub async fn cancel_remaining(conn: &mut PgConnection, mission_id: i64) -> OpsResult<u64> {
+    Ok(sqlx::query(
+        "UPDATE ops_mission_steps SET status = 'cancelled', finished_at = now()
+         WHERE mission_id = $1 AND status IN ('waiting', 'queued')",
+    )
+    .bind(mission_id)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// A running step whose lease ran out, with its mission's status.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Expired {
+    pub id: i64,
+    pub mission_id: i64,
+    pub name: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub lease_owner: Option<String>,
+    pub mission_status: MissionStatus,
+}
+
+/// Up to `limit` steps whose lease ran out, oldest first, locked until the caller's
+/// transaction ends (SKIP LOCKED) with their missions `FOR KEY SHARE`: a cancel in
+/// progress is waited for and seen, so a cancelled mission's step is never queued again.
+pub async fn lock_expired(conn: &mut PgConnection, limit: i64) -> OpsResult<Vec<Expired>> {
+    Ok(sqlx::query_as(
+        "SELECT s.id, s.mission_id, s.name, s.attempts, s.max_attempts, s.lease_owner, m.status AS mission_status
+         FROM ops_mission_steps s JOIN ops_missions m ON m.id = s.mission_id
+         WHERE s.status = 'running' AND s.lease_expires_at < now()
+         ORDER BY s.lease_expires_at LIMIT $1
+         FOR UPDATE OF s SKIP LOCKED FOR KEY SHARE OF m",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// End an expired lease (a step `lock_expired` returned): `next` is `Queued` (run
+/// again now), `Failed` or `Cancelled`, with `error` saying why.
+pub async fn recover_expired(
+    conn: &mut PgConnection,
+    step_id: i64,
+    next: StepStatus,
+    error: &str,
+) -> OpsResult<()> {
+    sqlx::query(
+        "UPDATE ops_mission_steps SET status = $2, error = $3, lease_owner = NULL, lease_expires_at = NULL,
+                run_after = now(), finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE now() END
+         WHERE id = $1",
+    )
+    .bind(step_id)
+    .bind(next)
+    .bind(error)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Wake the workers (delivered on commit): steps became ready.
+pub async fn wake_workers(conn: &mut PgConnection) -> OpsResult<()> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(channels::STEPS_READY)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
