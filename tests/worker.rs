@@ -661,7 +661,7 @@ async fn paused_steps_wait_and_run_after_resume() {
         .expect("mission");
     let mut conn = db.pool.acquire().await.expect("conn");
     assert!(
-        opsloop::gates::set_paused(&mut conn, true, "test")
+        opsloop::gates::set_paused(&mut conn, true, opsloop::domain::vocab::Source::Cli, "test")
             .await
             .expect("pause")
     );
@@ -670,9 +670,14 @@ async fn paused_steps_wait_and_run_after_resume() {
         .expect("claim");
     assert!(claimed.is_empty(), "{claimed:?}");
     assert!(
-        opsloop::gates::set_paused(&mut conn, false, "test")
-            .await
-            .expect("resume")
+        opsloop::gates::set_paused(
+            &mut conn,
+            false,
+            opsloop::domain::vocab::Source::Cli,
+            "test"
+        )
+        .await
+        .expect("resume")
     );
     assert_eq!(claim_one(&db).await.mission_id, mission);
 }
