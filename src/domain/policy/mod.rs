@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::vocab::EventKind;
 use crate::steps::StepSpec;
 
 pub use rules::payload_contains;
@@ -507,7 +508,7 @@ pub struct NotifyPolicy {
 
 impl Default for NotifyPolicy {
     fn default() -> Self {
-        let events = ["proposal.*", "mission.*", "step.failed"];
+        let events = ["proposal.*", "mission.*", EventKind::StepFailed.as_str()];
         NotifyPolicy {
             chats: Vec::new(),
             events: events.iter().map(|e| EventPattern(e.to_string())).collect(),
