@@ -12,6 +12,7 @@ use sqlx::PgPool;
 
 use crate::error::OpsResult;
 use crate::policy::RetentionPolicy;
+use crate::store::{outbox, proposals};
 
 /// Statements per kind of row and tick: with `batch` rows each, a tick's work is bounded.
 const ROUNDS: u32 = 10;
@@ -24,15 +25,6 @@ pub struct Deleted {
     pub action_runs: u64,
     pub notifications: u64,
 }
-
-/// Decided proposals and their finished missions (steps, approvals and dead letters go
-/// with them by cascade).
-const PROPOSALS: &str = "DELETE FROM ops_mission_proposals WHERE id IN (
-    SELECT p.id FROM ops_mission_proposals p
-    LEFT JOIN ops_missions m ON m.proposal_id = p.id
-    WHERE p.status <> 'pending' AND p.decided_at < $1
-      AND (m.id IS NULL OR (m.status <> 'running' AND m.finished_at < $1))
-    LIMIT $2)";
 
 // Events and action runs are walked in id order (ids grow with time), so the oldest
 // come first without an index on their timestamps, which every insert would pay for.
@@ -49,40 +41,48 @@ const REACTIONS: &str = "DELETE FROM ops_agent_reactions WHERE id IN (
 const ACTION_RUNS: &str = "DELETE FROM ops_action_runs WHERE id IN (
     SELECT id FROM ops_action_runs WHERE started_at < $1 ORDER BY id LIMIT $2)";
 
-const NOTIFICATIONS: &str = "DELETE FROM ops_notifications WHERE id IN (
-    SELECT n.id FROM ops_notifications n
-    WHERE n.status <> 'pending' AND n.created_at < $1
-      AND NOT (n.subject LIKE 'mission:%' AND EXISTS (
-            SELECT 1 FROM ops_missions m WHERE 'mission:' || m.id = n.subject AND m.status = 'running'))
-      AND NOT (n.subject LIKE 'proposal:%' AND EXISTS (
-            SELECT 1 FROM ops_mission_proposals p WHERE 'proposal:' || p.id = n.subject AND p.status = 'pending'))
-    ORDER BY n.created_at LIMIT $2)";
-
 /// Delete what the policy no longer keeps.
 pub async fn enforce(pool: &PgPool, policy: &RetentionPolicy) -> OpsResult<Deleted> {
     let batch = i64::from(policy.batch.max(1));
+    let sql = async |sql: &'static str, cutoff, limit| -> OpsResult<u64> {
+        Ok(sqlx::query(sql)
+            .bind(cutoff)
+            .bind(limit)
+            .execute(pool)
+            .await?
+            .rows_affected())
+    };
     Ok(Deleted {
-        proposals: prune(pool, PROPOSALS, policy.missions, batch).await?,
-        events: prune(pool, EVENTS, policy.events, batch).await?,
-        reactions: prune(pool, REACTIONS, policy.reactions, batch).await?,
-        action_runs: prune(pool, ACTION_RUNS, policy.action_runs, batch).await?,
-        notifications: prune(pool, NOTIFICATIONS, policy.notifications, batch).await?,
+        // Decided proposals and their finished missions (steps, approvals and dead
+        // letters go with them by cascade).
+        proposals: prune(policy.missions, batch, |c, n| {
+            proposals::delete_decided_before(pool, c, n)
+        })
+        .await?,
+        events: prune(policy.events, batch, |c, n| sql(EVENTS, c, n)).await?,
+        reactions: prune(policy.reactions, batch, |c, n| sql(REACTIONS, c, n)).await?,
+        action_runs: prune(policy.action_runs, batch, |c, n| sql(ACTION_RUNS, c, n)).await?,
+        notifications: prune(policy.notifications, batch, |c, n| {
+            outbox::delete_done_before(pool, c, n)
+        })
+        .await?,
     })
 }
 
-async fn prune(pool: &PgPool, sql: &str, keep: Option<Duration>, batch: i64) -> OpsResult<u64> {
+/// Delete what is older than `keep` with `delete(cutoff, batch)`, a batch at a time,
+/// for at most `ROUNDS` batches.
+async fn prune<F, Fut>(keep: Option<Duration>, batch: i64, delete: F) -> OpsResult<u64>
+where
+    F: Fn(DateTime<Utc>, i64) -> Fut,
+    Fut: Future<Output = OpsResult<u64>>,
+{
     let Some(keep) = keep else {
         return Ok(0);
     };
     let cutoff: DateTime<Utc> = Utc::now() - crate::db::interval(keep);
     let mut total = 0;
     for _ in 0..ROUNDS {
-        let gone = sqlx::query(sql)
-            .bind(cutoff)
-            .bind(batch)
-            .execute(pool)
-            .await?
-            .rows_affected();
+        let gone = delete(cutoff, batch).await?;
         total += gone;
         if gone < batch as u64 {
             break;
