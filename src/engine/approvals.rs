@@ -12,11 +12,11 @@ use crate::db::locks;
 use crate::domain::input;
 use crate::domain::policy::Policy;
 use crate::domain::vocab::{EventKind, Source};
+use crate::engine::gates;
 use crate::engine::proposals::{self, ProposalStatus};
-use crate::engine::{gates, notify};
 use crate::error::{OpsError, OpsResult};
 use crate::store::events::{self, NewEvent};
-use crate::store::{approvals as approvals_store, proposals as proposals_store};
+use crate::store::{approvals as approvals_store, outbox, proposals as proposals_store};
 
 pub use crate::store::approvals::Decision;
 
@@ -178,7 +178,7 @@ pub async fn decide(
             decided.mission_id = Some(mission);
         }
         // A partial approval changes no status (no event), but prompts show `1/2 approvals`.
-        Decision::Approve if inserted => notify::refresh_prompts(&mut tx, id).await?,
+        Decision::Approve if inserted => outbox::enqueue_prompt_refreshes(&mut tx, id).await?,
         Decision::Approve => {}
     }
     tx.commit().await?;

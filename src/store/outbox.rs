@@ -63,7 +63,8 @@ pub async fn enqueue_replies(
     Ok(())
 }
 
-/// Queue a re-render of every prompt of proposal `proposal_id`, in every chat it went to.
+/// Queue a re-render of every prompt of proposal `proposal_id`, in every chat it went
+/// to (a partial approval: `1/2 approvals`).
 pub async fn enqueue_prompt_refreshes(conn: &mut PgConnection, proposal_id: i64) -> OpsResult<()> {
     sqlx::query(
         "WITH n AS (
@@ -80,9 +81,10 @@ pub async fn enqueue_prompt_refreshes(conn: &mut PgConnection, proposal_id: i64)
     Ok(())
 }
 
-/// Record message `message_id` in `chat_id` as a sent prompt of proposal `proposal_id`,
-/// and queue its refresh; only when that chat was sent this proposal's prompt and the
-/// message is not known yet.
+/// Someone tapped a button of prompt `message_id` in `chat_id`, a message of ours we
+/// have no record of: a prompt sent twice because Telegram's answer to the first send
+/// was lost. Record it, so the proposal's edits reach it like the others, and queue its
+/// refresh. Only for chats that were sent this proposal's prompt.
 pub async fn adopt_prompt(
     pool: &PgPool,
     chat_id: i64,
@@ -267,7 +269,8 @@ pub async fn delete_done_before(
     cutoff: DateTime<Utc>,
     limit: i64,
 ) -> OpsResult<u64> {
-    Ok(sqlx::query(
+    super::delete_older(
+        pool,
         "DELETE FROM ops_notifications WHERE id IN (
             SELECT n.id FROM ops_notifications n
             WHERE n.status <> 'pending' AND n.created_at < $1
@@ -276,10 +279,8 @@ pub async fn delete_done_before(
               AND NOT (n.subject LIKE 'proposal:%' AND EXISTS (
                     SELECT 1 FROM ops_mission_proposals p WHERE 'proposal:' || p.id = n.subject AND p.status = 'pending'))
             ORDER BY n.created_at LIMIT $2)",
+        cutoff,
+        limit,
     )
-    .bind(cutoff)
-    .bind(limit)
-    .execute(pool)
-    .await?
-    .rows_affected())
+    .await
 }

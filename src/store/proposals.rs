@@ -188,17 +188,16 @@ pub async fn delete_decided_before(
     cutoff: DateTime<Utc>,
     limit: i64,
 ) -> OpsResult<u64> {
-    Ok(sqlx::query(
+    super::delete_older(
+        pool,
         "DELETE FROM ops_mission_proposals WHERE id IN (
             SELECT p.id FROM ops_mission_proposals p
             LEFT JOIN ops_missions m ON m.proposal_id = p.id
             WHERE p.status <> 'pending' AND p.decided_at < $1
               AND (m.id IS NULL OR (m.status <> 'running' AND m.finished_at < $1))
             LIMIT $2)",
+        cutoff,
+        limit,
     )
-    .bind(cutoff)
-    .bind(limit)
-    .execute(pool)
-    .await?
-    .rows_affected())
+    .await
 }

@@ -9,7 +9,7 @@ pub mod render;
 pub mod sender;
 
 use serde_json::{Value, json};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 
 use crate::error::OpsResult;
 use crate::store::outbox;
@@ -49,23 +49,8 @@ fn paged(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Someone tapped a button of prompt `message_id` in `chat_id`, a message of ours we
-/// have no record of: a prompt sent twice because Telegram's answer to the first send
-/// was lost. Record it, so the proposal's edits reach it like the others, and refresh
-/// it now. Only for chats that were sent this proposal's prompt.
-pub async fn adopt_prompt(
-    pool: &PgPool,
-    chat_id: i64,
-    message_id: i32,
-    proposal_id: i64,
-) -> OpsResult<()> {
-    outbox::adopt_prompt(pool, chat_id, message_id, proposal_id).await
-}
-
-/// Re-render every prompt of a proposal (a partial approval: `1/2 approvals`).
-pub async fn refresh_prompts(conn: &mut PgConnection, proposal_id: i64) -> OpsResult<()> {
-    outbox::enqueue_prompt_refreshes(conn, proposal_id).await
-}
+/// A tap on a prompt of ours we have no record of (`store::outbox::adopt_prompt`).
+pub use crate::store::outbox::adopt_prompt;
 
 /// Escape user-supplied text for Telegram's HTML parse mode.
 pub fn escape(text: &str) -> String {
