@@ -12,7 +12,7 @@ use sqlx::PgPool;
 
 use crate::error::OpsResult;
 use crate::policy::RetentionPolicy;
-use crate::store::{outbox, proposals};
+use crate::store::{self, outbox, proposals};
 
 /// Statements per kind of row and tick: with `batch` rows each, a tick's work is bounded.
 const ROUNDS: u32 = 10;
@@ -44,14 +44,7 @@ const ACTION_RUNS: &str = "DELETE FROM ops_action_runs WHERE id IN (
 /// Delete what the policy no longer keeps.
 pub async fn enforce(pool: &PgPool, policy: &RetentionPolicy) -> OpsResult<Deleted> {
     let batch = i64::from(policy.batch.max(1));
-    let sql = async |sql: &'static str, cutoff, limit| -> OpsResult<u64> {
-        Ok(sqlx::query(sql)
-            .bind(cutoff)
-            .bind(limit)
-            .execute(pool)
-            .await?
-            .rows_affected())
-    };
+    let sql = |sql, cutoff, limit| store::delete_older(pool, sql, cutoff, limit);
     Ok(Deleted {
         // Decided proposals and their finished missions (steps, approvals and dead
         // letters go with them by cascade).
