@@ -4,33 +4,21 @@
 //! approval passes the gates about missions again (`gates::check_mission`) under the
 //! proposals lock, so approving in any order never runs more than the caps allow.
 
-use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::db::locks;
+use crate::domain::input;
+use crate::domain::policy::Policy;
+use crate::domain::vocab::{EventKind, Source};
+use crate::engine::gates;
+use crate::engine::proposals::{self, ProposalStatus};
 use crate::error::{OpsError, OpsResult};
-use crate::events::{self, NewEvent};
-use crate::policy::Policy;
-use crate::proposals::{self, ProposalStatus};
-use crate::{gates, input, notify};
+use crate::store::events::{self, NewEvent};
+use crate::store::{approvals as approvals_store, outbox, proposals as proposals_store};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Decision {
-    Approve,
-    Reject,
-}
-
-impl Decision {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Decision::Approve => "approve",
-            Decision::Reject => "reject",
-        }
-    }
-}
+pub use crate::store::approvals::Decision;
 
 /// The outcome of one person's decision.
 #[derive(Debug, Clone, Serialize)]
@@ -66,18 +54,6 @@ impl Decided {
     }
 }
 
-#[derive(sqlx::FromRow)]
-struct Locked {
-    template: String,
-    status: String,
-    proposed_by: String,
-    approvals_needed: i32,
-    self_approval: bool,
-    decided_by: Option<String>,
-    decided_at: Option<DateTime<Utc>>,
-    expired: bool,
-}
-
 /// Approve or reject proposal `id` as `actor`. Refuses, with the current state and who
 /// decided, when the proposal is no longer pending, and with the gate's reason when the
 /// approval would create a mission the gates about missions refuse (the proposal stays
@@ -105,22 +81,16 @@ pub async fn decide(
             .execute(&mut *tx)
             .await?;
     }
-    let p: Locked = sqlx::query_as(
-        "SELECT template, status, proposed_by, approvals_needed, self_approval, decided_by, decided_at,
-                (status = 'pending' AND expires_at <= now()) AS expired
-         FROM ops_mission_proposals WHERE id = $1 FOR UPDATE",
-    )
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await?
-    .ok_or_else(|| OpsError::bad_input(format!("there is no proposal #{id}")))?;
+    let p = proposals_store::lock(&mut tx, id)
+        .await?
+        .ok_or_else(|| OpsError::bad_input(format!("there is no proposal #{id}")))?;
 
     if p.expired {
         expire(&mut tx, id, &p.template).await?;
         tx.commit().await?;
         return Err(OpsError::refused(format!("proposal #{id} has expired")));
     }
-    if p.status != "pending" {
+    if p.status != ProposalStatus::Pending {
         let by = p.decided_by.as_deref().unwrap_or("nobody");
         let when = p
             .decided_at
@@ -144,56 +114,24 @@ pub async fn decide(
     // Earlier decisions on this proposal, matched by person, not by spelling (rows
     // written before names were normalized may be spelled `Alice`). The row lock above
     // makes this read-then-write safe; the unique index holds the normalized name.
-    let earlier: Vec<(String, String)> = sqlx::query_as(
-        "SELECT actor, decision FROM ops_proposal_approvals WHERE proposal_id = $1 ORDER BY id",
-    )
-    .bind(id)
-    .fetch_all(&mut *tx)
-    .await?;
+    let earlier = approvals_store::decisions(&mut tx, id).await?;
     let mine = earlier
         .iter()
         .find(|(who, _)| input::same_person(who, &actor));
     let inserted = match mine {
-        None => {
-            sqlx::query(
-                "INSERT INTO ops_proposal_approvals (proposal_id, actor, decision, reason)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (proposal_id, actor) DO NOTHING",
-            )
-            .bind(id)
-            .bind(&actor)
-            .bind(decision.as_str())
-            .bind(reason)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1
-        }
+        None => approvals_store::record(&mut tx, id, &actor, decision, reason).await?,
         Some((stored, previous)) => {
             // A repeated approve counts once; changing one's mind from approve to
             // reject is still a reject.
-            if decision == Decision::Reject && previous == "approve" {
-                sqlx::query(
-                    "UPDATE ops_proposal_approvals SET decision = 'reject', reason = $3, created_at = now()
-                     WHERE proposal_id = $1 AND actor = $2",
-                )
-                .bind(id)
-                .bind(stored)
-                .bind(reason)
-                .execute(&mut *tx)
-                .await?;
+            if decision == Decision::Reject && *previous == Decision::Approve {
+                approvals_store::turn_into_reject(&mut tx, id, stored, reason).await?;
             }
             false
         }
     };
 
     // Distinct people who approve, never the proposer when self-approval is off.
-    let approved: Vec<String> = sqlx::query_scalar(
-        "SELECT actor FROM ops_proposal_approvals
-         WHERE proposal_id = $1 AND decision = 'approve' ORDER BY id",
-    )
-    .bind(id)
-    .fetch_all(&mut *tx)
-    .await?;
+    let approved = approvals_store::approvers(&mut tx, id).await?;
     let mut approvers: Vec<String> = Vec::new();
     for who in approved {
         let counts = p.self_approval || !input::same_person(&who, &p.proposed_by);
@@ -214,19 +152,10 @@ pub async fn decide(
     };
     match decision {
         Decision::Reject => {
-            sqlx::query(
-                "UPDATE ops_mission_proposals
-                 SET status = 'rejected', decided_by = $2, decided_at = now(), reason = coalesce($3, reason)
-                 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(&actor)
-            .bind(reason)
-            .execute(&mut *tx)
-            .await?;
+            proposals_store::reject(&mut tx, id, &actor, reason).await?;
             events::emit(
                 &mut tx,
-                NewEvent::new("proposal.rejected", source.to_string())
+                NewEvent::new(EventKind::ProposalRejected, source.to_string())
                     .proposal(id)
                     .payload(json!({
                         "template": p.template, "decided_by": actor, "reason": reason,
@@ -249,7 +178,7 @@ pub async fn decide(
             decided.mission_id = Some(mission);
         }
         // A partial approval changes no status (no event), but prompts show `1/2 approvals`.
-        Decision::Approve if inserted => notify::refresh_prompts(&mut tx, id).await?,
+        Decision::Approve if inserted => outbox::enqueue_prompt_refreshes(&mut tx, id).await?,
         Decision::Approve => {}
     }
     tx.commit().await?;
@@ -257,21 +186,11 @@ pub async fn decide(
 }
 
 /// Mark one pending proposal expired, with its event.
-pub(crate) async fn expire(
-    conn: &mut sqlx::PgConnection,
-    id: i64,
-    template: &str,
-) -> OpsResult<()> {
-    sqlx::query(
-        "UPDATE ops_mission_proposals SET status = 'expired', decided_at = now(), decided_by = 'ttl'
-         WHERE id = $1 AND status = 'pending'",
-    )
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
+pub(crate) async fn expire(conn: &mut PgConnection, id: i64, template: &str) -> OpsResult<()> {
+    proposals_store::expire(conn, id).await?;
     events::emit(
         conn,
-        NewEvent::new("proposal.expired", events::sources::HEARTBEAT)
+        NewEvent::new(EventKind::ProposalExpired, Source::Heartbeat)
             .proposal(id)
             .payload(json!({ "template": template })),
     )

@@ -161,13 +161,7 @@ async fn recover_leases(pool: &PgPool, policy: &Policy) -> OpsResult<(u64, u64)>
 
 async fn expire_proposals(pool: &PgPool) -> OpsResult<u64> {
     let mut tx = pool.begin().await?;
-    let due: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT id, template FROM ops_mission_proposals
-         WHERE status = 'pending' AND expires_at <= now()
-         ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
+    let due = crate::store::proposals::lock_due_to_expire(&mut tx, 500).await?;
     for (id, template) in &due {
         approvals::expire(&mut tx, *id, template).await?;
     }

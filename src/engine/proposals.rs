@@ -3,8 +3,6 @@
 //! transaction with its events.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -12,58 +10,19 @@ use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 
 use crate::db::{self, locks};
+use crate::domain::input;
+use crate::domain::policy::{Policy, Risk, Template};
+use crate::domain::vocab::EventKind;
+use crate::engine::gates;
+use crate::engine::missions::{self, PlannedStep};
 use crate::error::{OpsError, OpsResult};
-use crate::events::{self, NewEvent};
-use crate::gates;
-use crate::input;
-use crate::missions::{self, PlannedStep};
-use crate::policy::{Policy, Risk, Template};
+use crate::store::events::{self, NewEvent};
+use crate::store::proposals::{self as store, NewRow};
 
+/// What became of a proposal (the vocabulary's word).
+pub use crate::domain::vocab::ProposalStatus;
 /// Where a proposal came from (reactions and triggers are automatic: pause refuses them).
 pub use crate::domain::vocab::Source;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProposalStatus {
-    Pending,
-    Approved,
-    Rejected,
-    Expired,
-}
-
-impl ProposalStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProposalStatus::Pending => "pending",
-            ProposalStatus::Approved => "approved",
-            ProposalStatus::Rejected => "rejected",
-            ProposalStatus::Expired => "expired",
-        }
-    }
-}
-
-impl fmt::Display for ProposalStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for ProposalStatus {
-    type Err = OpsError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "pending" => ProposalStatus::Pending,
-            "approved" => ProposalStatus::Approved,
-            "rejected" => ProposalStatus::Rejected,
-            "expired" => ProposalStatus::Expired,
-            other => {
-                return Err(OpsError::Other(anyhow::anyhow!(
-                    "unknown proposal status {other}"
-                )));
-            }
-        })
-    }
-}
 
 /// A request to run a template, before validation.
 #[derive(Debug, Clone)]
@@ -157,28 +116,21 @@ pub async fn propose_in(
         ProposalStatus::Pending
     };
 
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO ops_mission_proposals
-            (template, params, risk, proposed_by, source, reason, status, plan,
-             approvals_needed, self_approval, expires_at, decided_by, decided_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + $11, $12,
-                 CASE WHEN $7 = 'rejected' THEN now() END)
-         RETURNING id",
-    )
-    .bind(template.name.as_str())
-    .bind(&params_json)
-    .bind(template.risk.as_str())
-    .bind(&request.proposed_by)
-    .bind(request.source.as_str())
-    .bind(refusal.as_ref().map(|r| r.reason.clone()))
-    .bind(status.as_str())
-    .bind(json!(plan))
-    .bind(rule.approvals as i32)
-    .bind(rule.self_approval)
-    .bind(ttl)
-    .bind(refusal.as_ref().map(|r| format!("gate:{}", r.gate)))
-    .fetch_one(&mut *conn)
-    .await?;
+    let row = NewRow {
+        template: template.name.as_str(),
+        params: &params_json,
+        risk: template.risk,
+        proposed_by: &request.proposed_by,
+        source: request.source,
+        plan: json!(plan),
+        approvals_needed: rule.approvals as i32,
+        self_approval: rule.self_approval,
+        ttl,
+    };
+    let id = match &refusal {
+        None => store::insert_pending(conn, &row).await?,
+        Some(r) => store::insert_refused(conn, &row, r.gate, &r.reason).await?,
+    };
 
     let auto = policy.approval.auto_approves(template.risk);
     let about = json!({
@@ -192,7 +144,7 @@ pub async fn propose_in(
     });
     events::emit(
         conn,
-        NewEvent::new("proposal.created", request.source.as_str())
+        NewEvent::new(EventKind::ProposalCreated, request.source)
             .proposal(id)
             .payload(about),
     )
@@ -212,7 +164,7 @@ pub async fn propose_in(
     if let Some(refusal) = refusal {
         events::emit(
             conn,
-            NewEvent::new("proposal.rejected", "gate")
+            NewEvent::new(EventKind::ProposalRejected, Source::Gate)
                 .proposal(id)
                 .payload(json!({
                     "template": template.name.as_str(),
@@ -261,19 +213,10 @@ pub(crate) async fn approve(
     decided_by: &str,
     source: &str,
 ) -> OpsResult<i64> {
-    let (template, plan): (String, Value) = sqlx::query_as(
-        "UPDATE ops_mission_proposals
-         SET status = 'approved', decided_by = $2, decided_at = now()
-         WHERE id = $1 AND status = 'pending'
-         RETURNING template, plan",
-    )
-    .bind(proposal_id)
-    .bind(decided_by)
-    .fetch_one(&mut *conn)
-    .await?;
+    let (template, plan) = store::approve(conn, proposal_id, decided_by).await?;
     events::emit(
         conn,
-        NewEvent::new("proposal.approved", source.to_string())
+        NewEvent::new(EventKind::ProposalApproved, source.to_string())
             .proposal(proposal_id)
             .payload(json!({ "template": template, "decided_by": decided_by })),
     )
@@ -295,7 +238,7 @@ pub struct ProposalView {
     pub risk: String,
     pub proposed_by: String,
     pub source: String,
-    pub status: String,
+    pub status: ProposalStatus,
     pub reason: Option<String>,
     pub approvals_needed: i32,
     pub approvals: i64,

@@ -12,7 +12,7 @@ use sqlx::PgPool;
 
 use crate::error::OpsResult;
 use crate::policy::RetentionPolicy;
-use crate::store::{self, events, reactions, runs};
+use crate::store::{events, outbox, proposals, reactions, runs};
 
 /// Statements per kind of row and tick: with `batch` rows each, a tick's work is bounded.
 const ROUNDS: u32 = 10;
@@ -26,33 +26,16 @@ pub struct Deleted {
     pub notifications: u64,
 }
 
-// The deletes of the tables that have an owner module are that owner's
-// (`delete_expired`); this module keeps what is deleted when.
-
-/// Decided proposals and their finished missions (steps, approvals and dead letters go
-/// with them by cascade).
-const PROPOSALS: &str = "DELETE FROM ops_mission_proposals WHERE id IN (
-    SELECT p.id FROM ops_mission_proposals p
-    LEFT JOIN ops_missions m ON m.proposal_id = p.id
-    WHERE p.status <> 'pending' AND p.decided_at < $1
-      AND (m.id IS NULL OR (m.status <> 'running' AND m.finished_at < $1))
-    LIMIT $2)";
-
-const NOTIFICATIONS: &str = "DELETE FROM ops_notifications WHERE id IN (
-    SELECT n.id FROM ops_notifications n
-    WHERE n.status <> 'pending' AND n.created_at < $1
-      AND NOT (n.subject LIKE 'mission:%' AND EXISTS (
-            SELECT 1 FROM ops_missions m WHERE 'mission:' || m.id = n.subject AND m.status = 'running'))
-      AND NOT (n.subject LIKE 'proposal:%' AND EXISTS (
-            SELECT 1 FROM ops_mission_proposals p WHERE 'proposal:' || p.id = n.subject AND p.status = 'pending'))
-    ORDER BY n.created_at LIMIT $2)";
+// Each table's delete is its owner's; this module keeps what is deleted when.
 
 /// Delete what the policy no longer keeps.
 pub async fn enforce(pool: &PgPool, policy: &RetentionPolicy) -> OpsResult<Deleted> {
     let batch = i64::from(policy.batch.max(1));
     Ok(Deleted {
+        // Decided proposals and their finished missions (steps, approvals and dead
+        // letters go with them by cascade).
         proposals: prune(policy.missions, batch, |c, n| {
-            store::delete_older(pool, PROPOSALS, c, n)
+            proposals::delete_decided_before(pool, c, n)
         })
         .await?,
         events: prune(policy.events, batch, |c, n| {
@@ -68,7 +51,7 @@ pub async fn enforce(pool: &PgPool, policy: &RetentionPolicy) -> OpsResult<Delet
         })
         .await?,
         notifications: prune(policy.notifications, batch, |c, n| {
-            store::delete_older(pool, NOTIFICATIONS, c, n)
+            outbox::delete_done_before(pool, c, n)
         })
         .await?,
     })

@@ -13,9 +13,11 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tracing::warn;
 
+use crate::domain::policy::{Policy, Trigger};
+use crate::domain::vocab::Source;
+use crate::engine::proposals::{self, NewProposal};
 use crate::error::OpsResult;
-use crate::policy::{Policy, Trigger};
-use crate::proposals::{self, NewProposal, Source};
+use crate::store::triggers as state;
 
 /// Fire every trigger whose next slot after the last one handled is due. Returns how
 /// many fired. While paused, due slots are passed over (recorded, not fired).
@@ -28,21 +30,10 @@ pub async fn fire_due(
     let mut fired = 0;
     for trigger in &policy.triggers {
         let mut tx = pool.begin().await?;
-        let last: Option<DateTime<Utc>> = sqlx::query_scalar(
-            "SELECT last_slot FROM ops_trigger_state WHERE name = $1 FOR UPDATE",
-        )
-        .bind(&trigger.name)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let last = state::lock_last_slot(&mut tx, &trigger.name).await?;
         let Some(last) = last else {
             // First sight: start counting from now; nothing was missed yet.
-            sqlx::query(
-                "INSERT INTO ops_trigger_state (name, last_slot) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
-            )
-            .bind(&trigger.name)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+            state::start(&mut tx, &trigger.name, now).await?;
             tx.commit().await?;
             continue;
         };
@@ -69,13 +60,7 @@ pub async fn fire_due(
             }
         }
         // The slot, not the tick's time: the next slot is searched from it.
-        sqlx::query(
-            "UPDATE ops_trigger_state SET last_slot = $2, fired_at = now() WHERE name = $1",
-        )
-        .bind(&trigger.name)
-        .bind(handled)
-        .execute(&mut *tx)
-        .await?;
+        state::record_slot(&mut tx, &trigger.name, handled).await?;
         tx.commit().await?;
     }
     Ok(fired)

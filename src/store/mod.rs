@@ -5,13 +5,17 @@
 //! `insert_runs!`). Exception: `interfaces::bench` seeds scratch databases with raw
 //! inserts.
 
+pub mod approvals;
 pub mod dead_letters;
 pub mod events;
 pub mod missions;
+pub mod outbox;
 pub mod policy;
+pub mod proposals;
 pub mod reactions;
 pub mod runs;
 pub mod steps;
+pub mod triggers;
 pub mod users;
 pub mod workers;
 

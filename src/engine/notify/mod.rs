@@ -1,16 +1,18 @@
-//! Notifications through a durable outbox (`ops_notifications`). Most rows are written
-//! by the events trigger (migrations/0002_outbox.sql) in the event's own transaction;
-//! this module adds the rest (command replies, prompt refreshes) and renders and sends
-//! them (`render`, `sender`).
+//! Notifications through a durable outbox (`ops_notifications`, owned by
+//! `store::outbox`). Most rows are written by the events trigger
+//! (migrations/0002_outbox.sql) in the event's own transaction; this module adds the
+//! rest (command replies, prompt refreshes) and renders and sends them (`render`,
+//! `sender`).
 
 pub mod pages;
 pub mod render;
 pub mod sender;
 
 use serde_json::{Value, json};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 
 use crate::error::OpsResult;
+use crate::store::outbox;
 
 /// Telegram's limit on a message's text (UTF-16 code units after entity parsing).
 pub const MAX_TEXT: usize = 4096;
@@ -25,18 +27,7 @@ pub async fn enqueue_text(conn: &mut PgConnection, chat_id: i64, text: &str) -> 
         .into_iter()
         .map(|text| json!({ "text": text }))
         .collect();
-    sqlx::query(
-        "WITH n AS (
-            INSERT INTO ops_notifications (chat_id, subject, action, body)
-            SELECT $1, 'reply', 'send', body FROM unnest($2::jsonb[]) WITH ORDINALITY AS t(body, n)
-            ORDER BY n RETURNING id)
-         SELECT pg_notify('ops_outbox', '') FROM n LIMIT 1",
-    )
-    .bind(chat_id)
-    .bind(bodies)
-    .execute(conn)
-    .await?;
-    Ok(())
+    outbox::enqueue_replies(conn, chat_id, bodies).await
 }
 
 /// The messages a reply becomes: one when it fits, else pages marked `(1/3)`.
@@ -58,54 +49,8 @@ fn paged(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Someone tapped a button of prompt `message_id` in `chat_id`, a message of ours we
-/// have no record of: a prompt sent twice because Telegram's answer to the first send
-/// was lost. Record it, so the proposal's edits reach it like the others, and refresh
-/// it now. Only for chats that were sent this proposal's prompt.
-pub async fn adopt_prompt(
-    pool: &PgPool,
-    chat_id: i64,
-    message_id: i32,
-    proposal_id: i64,
-) -> OpsResult<()> {
-    sqlx::query(
-        "WITH adopted AS (
-            INSERT INTO ops_notifications (chat_id, subject, action, status, message_id, sent_at)
-            SELECT $1, 'proposal:' || $3, 'prompt', 'sent', $2, now()
-            WHERE EXISTS (SELECT 1 FROM ops_notifications
-                          WHERE chat_id = $1 AND subject = 'proposal:' || $3 AND action = 'prompt')
-              AND NOT EXISTS (SELECT 1 FROM ops_notifications
-                              WHERE chat_id = $1 AND subject = 'proposal:' || $3 AND action = 'prompt'
-                                AND message_id = $2)
-            RETURNING chat_id, subject),
-         refresh AS (
-            INSERT INTO ops_notifications (chat_id, subject, action)
-            SELECT chat_id, subject, 'prompt' FROM adopted RETURNING id)
-         SELECT pg_notify('ops_outbox', '') FROM refresh",
-    )
-    .bind(chat_id)
-    .bind(i64::from(message_id))
-    .bind(proposal_id)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// Re-render every prompt of a proposal (a partial approval: `1/2 approvals`).
-pub async fn refresh_prompts(conn: &mut PgConnection, proposal_id: i64) -> OpsResult<()> {
-    sqlx::query(
-        "WITH n AS (
-            INSERT INTO ops_notifications (chat_id, subject, action)
-            SELECT DISTINCT chat_id, subject, 'prompt' FROM ops_notifications
-            WHERE subject = 'proposal:' || $1 AND action = 'prompt'
-            RETURNING id)
-         SELECT pg_notify('ops_outbox', '') FROM n LIMIT 1",
-    )
-    .bind(proposal_id)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
+/// A tap on a prompt of ours we have no record of (`store::outbox::adopt_prompt`).
+pub use crate::store::outbox::adopt_prompt;
 
 /// Escape user-supplied text for Telegram's HTML parse mode.
 pub fn escape(text: &str) -> String {

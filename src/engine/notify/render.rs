@@ -9,7 +9,7 @@ use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup};
 use super::{cut, escape, pages};
 use crate::error::{OpsError, OpsResult};
 use crate::missions;
-use crate::proposals;
+use crate::proposals::{self, ProposalStatus};
 
 /// A message ready to send: text and, for open prompts, the buttons.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,9 +83,10 @@ pub async fn prompt(pool: &PgPool, proposal_id: i64) -> OpsResult<Rendered> {
         t.map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
             .unwrap_or_default()
     };
-    let open = p.status == "pending" && p.expires_at.is_none_or(|e| e > chrono::Utc::now());
-    match p.status.as_str() {
-        "approved" => {
+    let open =
+        p.status == ProposalStatus::Pending && p.expires_at.is_none_or(|e| e > chrono::Utc::now());
+    match p.status {
+        ProposalStatus::Approved => {
             text.push_str(&format!(
                 "\n✅ <b>approved</b> by {} at {}",
                 escape(&people(pool, &p.approvers).await),
@@ -95,7 +96,7 @@ pub async fn prompt(pool: &PgPool, proposal_id: i64) -> OpsResult<Rendered> {
                 text.push_str(&format!(" → mission #{m}"));
             }
         }
-        "rejected" => text.push_str(&format!(
+        ProposalStatus::Rejected => text.push_str(&format!(
             "\n❌ <b>rejected</b> by {} at {}{}",
             escape(&who(pool, p.decided_by.as_deref().unwrap_or("?")).await),
             when(p.decided_at),
@@ -104,7 +105,9 @@ pub async fn prompt(pool: &PgPool, proposal_id: i64) -> OpsResult<Rendered> {
                 .map(|r| format!(": {}", escape(&cut(r, 500))))
                 .unwrap_or_default()
         )),
-        "expired" => text.push_str(&format!("\n⌛ <b>expired</b> at {}", when(p.decided_at))),
+        ProposalStatus::Expired => {
+            text.push_str(&format!("\n⌛ <b>expired</b> at {}", when(p.decided_at)))
+        }
         _ if !open => text.push_str("\n⌛ <b>expired</b>"),
         _ => {
             text.push_str(&format!(

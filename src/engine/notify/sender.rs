@@ -33,27 +33,11 @@ use crate::db::singleton::Singleton;
 use crate::db::{self, channels, locks};
 use crate::error::OpsResult;
 use crate::policy::TelegramPolicy;
+use crate::store::outbox::{self, Pending as Row};
 use crate::telemetry;
 
 /// Attempts before a row is given up (transient errors only; 429s do not count).
 const MAX_ATTEMPTS: i32 = 12;
-
-/// What a row says while Telegram is being called. Left there, it tells that the sender
-/// stopped mid-call, and the message may be in the chat already.
-const IN_FLIGHT: &str = "in flight: Telegram was called, its answer is not recorded yet";
-
-#[derive(Debug, sqlx::FromRow)]
-struct Row {
-    id: i64,
-    chat_id: i64,
-    subject: String,
-    action: String,
-    event_id: Option<i64>,
-    body: Value,
-    attempts: i32,
-    error: Option<String>,
-    due: bool,
-}
 
 enum Delivery {
     Sent(Option<i32>),
@@ -187,14 +171,7 @@ impl Sender {
     /// Send what the limits allow now; return how long to wait before the next round.
     pub async fn round(&self) -> OpsResult<Duration> {
         // Only each chat's oldest pending row is eligible: order per chat holds.
-        let heads: Vec<Row> = sqlx::query_as(
-            "SELECT DISTINCT ON (chat_id) id, chat_id, subject, action, event_id, body, attempts,
-                    error, run_after <= now() AS due
-             FROM ops_notifications WHERE status = 'pending'
-             ORDER BY chat_id, id LIMIT 1000",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let heads = outbox::heads(&self.pool, 1000).await?;
         let mut wait = Duration::from_secs(1);
         let mut ready: Vec<&Row> = Vec::new();
         {
@@ -234,17 +211,8 @@ impl Sender {
 
     async fn deliver_and_record(&self, row: &Row) -> OpsResult<()> {
         // Refreshes of one prompt or card up to now are covered by this render.
-        let covered: i64 = sqlx::query_scalar(
-            "SELECT coalesce(max(id), $4) FROM ops_notifications
-             WHERE status = 'pending' AND chat_id = $1 AND subject = $2 AND action = $3 AND action <> 'send'",
-        )
-        .bind(row.chat_id)
-        .bind(&row.subject)
-        .bind(&row.action)
-        .bind(row.id)
-        .fetch_one(&self.pool)
-        .await?;
-        if row.error.as_deref() == Some(IN_FLIGHT) {
+        let covered = outbox::latest_refresh(&self.pool, row).await?;
+        if row.was_in_flight() {
             warn!(
                 notification = row.id,
                 chat_id = row.chat_id,
@@ -253,12 +221,7 @@ impl Sender {
             );
         }
         let attempt = row.attempts + 1;
-        sqlx::query("UPDATE ops_notifications SET attempts = $2, error = $3 WHERE id = $1")
-            .bind(row.id)
-            .bind(attempt)
-            .bind(IN_FLIGHT)
-            .execute(&self.pool)
-            .await?;
+        outbox::mark_in_flight(&self.pool, row.id, attempt).await?;
         match self.deliver(row).await {
             Delivery::Sent(message_id) => {
                 telemetry::notification("sent");
@@ -271,23 +234,8 @@ impl Sender {
                     "Telegram asked to slow down"
                 );
                 // The whole chat waits, so its order holds. Telegram's pacing is no failure.
-                sqlx::query(
-                    "UPDATE ops_notifications
-                     SET run_after = now() + $2,
-                         attempts = CASE WHEN id = $3 THEN $4 ELSE attempts END,
-                         error = CASE WHEN id = $3 THEN $5 ELSE error END
-                     WHERE status = 'pending' AND chat_id = $1",
-                )
-                .bind(row.chat_id)
-                .bind(db::interval(after))
-                .bind(row.id)
-                .bind(row.attempts)
-                .bind(format!(
-                    "Telegram asked to retry after {}s",
-                    after.as_secs()
-                ))
-                .execute(&self.pool)
-                .await?;
+                let error = format!("Telegram asked to retry after {}s", after.as_secs());
+                outbox::slow_down_chat(&self.pool, row, db::interval(after), &error).await?;
             }
             Delivery::Transient(error) if attempt < MAX_ATTEMPTS => {
                 let delay = crate::executors::backoff_delay(
@@ -295,25 +243,12 @@ impl Sender {
                     Duration::from_millis(500),
                     Duration::from_secs(60),
                 );
-                sqlx::query(
-                    "UPDATE ops_notifications SET error = $2, run_after = now() + $3 WHERE id = $1",
-                )
-                .bind(row.id)
-                .bind(&error)
-                .bind(db::interval(delay))
-                .execute(&self.pool)
-                .await?;
+                outbox::retry_later(&self.pool, row.id, &error, db::interval(delay)).await?;
             }
             Delivery::Transient(error) | Delivery::Permanent(error) => {
                 warn!(chat_id = row.chat_id, error = %error, "notification given up");
                 telemetry::notification("failed");
-                sqlx::query(
-                    "UPDATE ops_notifications SET status = 'failed', error = $2 WHERE id = $1",
-                )
-                .bind(row.id)
-                .bind(&error)
-                .execute(&self.pool)
-                .await?;
+                outbox::mark_failed(&self.pool, row.id, &error).await?;
             }
         }
         Ok(())
@@ -324,29 +259,14 @@ impl Sender {
     async fn record_sent(&self, row: &Row, message_id: Option<i32>, covered: i64) -> OpsResult<()> {
         let mut pause = Duration::from_millis(100);
         loop {
-            let result = sqlx::query(
-                "UPDATE ops_notifications
-                 SET status = 'sent', sent_at = now(), error = NULL,
-                     message_id = CASE WHEN id = $1 THEN $5 ELSE message_id END
-                 WHERE status = 'pending' AND chat_id = $2
-                   AND (id = $1 OR (subject = $3 AND action = $4 AND action <> 'send' AND id <= $6))",
-            )
-            .bind(row.id)
-            .bind(row.chat_id)
-            .bind(&row.subject)
-            .bind(&row.action)
-            .bind(message_id.map(i64::from))
-            .bind(covered)
-            .execute(&self.pool)
-            .await;
-            match result {
+            match outbox::mark_sent(&self.pool, row, message_id, covered).await {
                 Ok(_) => return Ok(()),
                 Err(e) if pause < Duration::from_secs(5) => {
                     warn!(notification = row.id, error = %e, "cannot mark a sent notification; retrying");
                     tokio::time::sleep(pause).await;
                     pause *= 2;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -430,16 +350,7 @@ impl Sender {
 
     /// The messages showing this prompt or card in this chat, oldest first.
     async fn messages_of(&self, row: &Row) -> OpsResult<Vec<i32>> {
-        let ids: Vec<i64> = sqlx::query_scalar(
-            "SELECT DISTINCT message_id FROM ops_notifications
-             WHERE chat_id = $1 AND subject = $2 AND action = $3 AND status = 'sent' AND message_id IS NOT NULL
-             ORDER BY message_id",
-        )
-        .bind(row.chat_id)
-        .bind(&row.subject)
-        .bind(&row.action)
-        .fetch_all(&self.pool)
-        .await?;
+        let ids = outbox::messages_of(&self.pool, row).await?;
         Ok(ids
             .into_iter()
             .filter_map(|i| i32::try_from(i).ok())
@@ -448,17 +359,7 @@ impl Sender {
 
     /// A message that is gone is not edited again.
     async fn forget_message(&self, row: &Row, message_id: i32) {
-        let forgotten = sqlx::query(
-            "UPDATE ops_notifications SET message_id = NULL
-             WHERE chat_id = $1 AND subject = $2 AND action = $3 AND message_id = $4",
-        )
-        .bind(row.chat_id)
-        .bind(&row.subject)
-        .bind(&row.action)
-        .bind(i64::from(message_id))
-        .execute(&self.pool)
-        .await;
-        if let Err(e) = forgotten {
+        if let Err(e) = outbox::forget_message(&self.pool, row, message_id).await {
             warn!(error = %e, "cannot forget a deleted message");
         }
     }
