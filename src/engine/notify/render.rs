@@ -7,6 +7,7 @@ use sqlx::PgPool;
 use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup};
 
 use super::{cut, escape, pages};
+use crate::domain::vocab::EventKind;
 use crate::error::{OpsError, OpsResult};
 use crate::missions;
 use crate::proposals::{self, ProposalStatus};
@@ -187,25 +188,25 @@ pub async fn event(pool: &PgPool, event_id: i64) -> OpsResult<Rendered> {
             .unwrap_or("")
             .to_string()
     };
-    let text = match kind.as_str() {
-        "mission.failed" => format!(
+    let text = match kind.parse::<EventKind>() {
+        Ok(EventKind::MissionFailed) => format!(
             "❌ <b>mission #{}</b> ({}) failed at step {}: {}",
             mission.unwrap_or(0),
             escape(&s("template")),
             escape(&s("step")),
             escape(&cut(&s("error"), 1000))
         ),
-        "template.paused" => format!(
+        Ok(EventKind::TemplatePaused) => format!(
             "⏸ template <b>{}</b> is paused after {} failed missions in a row. An admin can /resume {}",
             escape(&s("template")),
             payload.get("failures").and_then(Value::as_i64).unwrap_or(0),
             escape(&s("template"))
         ),
-        "system.paused" => format!("⏸ opsloop paused by {}", escape(&s("by"))),
-        "system.resumed" => format!("▶️ opsloop resumed by {}", escape(&s("by"))),
-        other => format!(
+        Ok(EventKind::SystemPaused) => format!("⏸ opsloop paused by {}", escape(&s("by"))),
+        Ok(EventKind::SystemResumed) => format!("▶️ opsloop resumed by {}", escape(&s("by"))),
+        _ => format!(
             "🔔 <b>{}</b>{}\n<code>{}</code>",
-            escape(other),
+            escape(&kind),
             mission
                 .map(|m| format!(" · mission #{m}"))
                 .unwrap_or_default(),
