@@ -1,3 +1,3 @@
 fn main() {
-    std::process::exit(opsloop::cli::main());
+    std::process::exit(opsloop::interfaces::cli::main());
 }

@@ -88,7 +88,7 @@ async fn world_with(limits: &str) -> World {
         (CAROL, "approver"),
         (VIC, "viewer"),
     ] {
-        opsloop::users::grant(
+        opsloop::store::users::grant(
             &db.pool,
             id,
             role.parse().expect("role"),
@@ -464,7 +464,7 @@ async fn strangers_and_under_privileged_users_are_refused_everywhere() {
             .expect("status");
     assert_eq!(status, "pending");
     assert!(
-        opsloop::users::get(&w.db.pool, EVE)
+        opsloop::store::users::get(&w.db.pool, EVE)
             .await
             .expect("get")
             .is_none()
@@ -639,7 +639,7 @@ async fn a_reply_too_long_for_one_message_arrives_whole_in_several() {
     let w = world().await;
     let ids: Vec<i64> = (0..150).map(|i| 7_000_000_000 + i).collect();
     for id in &ids {
-        opsloop::users::grant(
+        opsloop::store::users::grant(
             &w.db.pool,
             *id,
             "viewer".parse().expect("role"),
@@ -650,7 +650,7 @@ async fn a_reply_too_long_for_one_message_arrives_whole_in_several() {
         .expect("grant");
         // A name as long as people's names get, with characters outside the BMP.
         let name = format!("Someone With A Rather Long Name 🙂 {id}");
-        opsloop::users::seen(&w.db.pool, *id, &name, false)
+        opsloop::store::users::seen(&w.db.pool, *id, &name, false)
             .await
             .expect("name");
     }

@@ -349,7 +349,7 @@ params.n = { pattern = '^\d+$', help = "a number" }
 steps = [ { name = "s", kind = "noop" } ]
 "#
     );
-    opsloop::policy::store::apply(&db.pool, &source, "test")
+    opsloop::store::policy::apply(&db.pool, &source, "test")
         .await
         .expect("apply");
     for n in ["1", "2"] {

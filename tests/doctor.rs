@@ -96,13 +96,17 @@ async fn doctor_is_all_green_on_a_healthy_setup() {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
-    let state = opsloop::http::AppState::new(
+    let state = opsloop::interfaces::http::AppState::new(
         db.pool.clone(),
-        opsloop::policy::store::PolicyCache::default(),
+        opsloop::store::policy::PolicyCache::default(),
         None,
     );
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(opsloop::http::serve(listener, state, stop.clone()));
+    tokio::spawn(opsloop::interfaces::http::serve(
+        listener,
+        state,
+        stop.clone(),
+    ));
     let (code, text) = doctor(&db.url, &fake, &[("OPSLOOP_HTTP_ADDR", &addr)], &[]).await;
     assert_eq!(code, Some(0), "{text}");
     assert!(line(&text, "http").contains("running opsloop"), "{text}");

@@ -9,8 +9,8 @@ use axum::Router;
 use axum::extract::Path;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
-use opsloop::executors::{Executors, Outcome, StepContext, backoff_delay};
-use opsloop::steps::StepSpec;
+use opsloop::domain::steps::StepSpec;
+use opsloop::engine::executors::{Executors, Outcome, StepContext, backoff_delay};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 

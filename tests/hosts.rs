@@ -101,12 +101,12 @@ async fn two_daemons_and_two_workers_share_the_work_exactly_once() {
         procs.spawn(&db.url, &["worker", "--concurrency", "8"]);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let policy = opsloop::policy::parse(&source).expect("policy");
+    let policy = opsloop::domain::policy::parse(&source).expect("policy");
     for n in 0..200 {
         support::propose(&db.pool, &policy, "fan", &[("n", &n.to_string())]).await;
     }
     for n in 0..100 {
-        opsloop::events::emit_user(
+        opsloop::store::events::emit_user(
             &db.pool,
             "ping",
             "test",
@@ -168,7 +168,7 @@ async fn a_postgres_restart_mid_run_loses_nothing_and_doubles_nothing() {
     procs.spawn(&url, &["run", "--policy", path_str(&file)]);
     procs.spawn(&url, &["worker", "--concurrency", "4"]);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let policy = opsloop::policy::parse(&source).expect("policy");
+    let policy = opsloop::domain::policy::parse(&source).expect("policy");
     for n in 0..100 {
         support::propose(&pool, &policy, "fan", &[("n", &n.to_string())]).await;
     }

@@ -8,9 +8,9 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use opsloop::http::{AppState, serve};
-use opsloop::policy::store::PolicyCache;
-use opsloop::worker::Worker;
+use opsloop::engine::worker::Worker;
+use opsloop::interfaces::http::{AppState, serve};
+use opsloop::store::policy::PolicyCache;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{TestDb, apply_policy, opsloop, opsloop_cmd, stderr, stdout, test_db, with_database};
@@ -882,7 +882,7 @@ params.text = { pattern = '^.*$', help = "any text" }
 steps = [ { name = "s", kind = "noop" } ]
 "#
     );
-    opsloop::policy::store::apply(&db.pool, &source, "test")
+    opsloop::store::policy::apply(&db.pool, &source, "test")
         .await
         .expect("apply");
     let app = App::on(db, Some(KEY)).await;

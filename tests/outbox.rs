@@ -54,7 +54,7 @@ async fn a_burst_survives_429s_500s_drops_and_a_restart_exactly_once_in_order() 
     let fake = FakeTelegram::start().await;
     let per_chat = 20;
     let policy = policy(per_chat);
-    opsloop::users::grant(
+    opsloop::store::users::grant(
         &db.pool,
         ANN,
         "viewer".parse().expect("role"),
@@ -78,9 +78,14 @@ async fn a_burst_survives_429s_500s_drops_and_a_restart_exactly_once_in_order() 
     fake.fail_next("sendmessage", 2, Fault::Drop);
     fake.fail_next("sendmessage", 1, Fault::ServerError);
     for n in 0..200 {
-        opsloop::events::emit_user(&db.pool, "burst.one", "test", serde_json::json!({ "n": n }))
-            .await
-            .expect("emit");
+        opsloop::store::events::emit_user(
+            &db.pool,
+            "burst.one",
+            "test",
+            serde_json::json!({ "n": n }),
+        )
+        .await
+        .expect("emit");
     }
     // Restart in the middle.
     assert!(
@@ -216,7 +221,7 @@ steps = [ { name = "n", kind = "noop" } ]
 
 /// A daemon with PROMPT_POLICY; the admin (and Ann, a viewer) have started the bot.
 async fn started(db: &support::TestDb, fake: &FakeTelegram) -> Daemon {
-    opsloop::users::grant(
+    opsloop::store::users::grant(
         &db.pool,
         ANN,
         "viewer".parse().expect("role"),
@@ -238,7 +243,7 @@ async fn started(db: &support::TestDb, fake: &FakeTelegram) -> Daemon {
 }
 
 async fn propose_deploy(db: &support::TestDb, tag: &str) -> i64 {
-    let policy = opsloop::policy::parse(PROMPT_POLICY).expect("policy");
+    let policy = opsloop::domain::policy::parse(PROMPT_POLICY).expect("policy");
     let proposed = support::propose(&db.pool, &policy, "deploy", &[("tag", tag)]).await;
     proposed.id
 }
@@ -257,7 +262,7 @@ async fn a_busy_chat_does_not_hold_back_a_prompt_to_another() {
     let _daemon = started(&db, &fake).await;
     let mut conn = db.pool.acquire().await.expect("conn");
     for n in 0..40 {
-        opsloop::notify::enqueue_text(&mut conn, ANN, &format!("busy {n}"))
+        opsloop::engine::notify::enqueue_text(&mut conn, ANN, &format!("busy {n}"))
             .await
             .expect("enqueue");
     }
@@ -367,13 +372,13 @@ async fn a_prompt_sent_twice_after_a_lost_answer_is_edited_in_both_places() {
             == 2)
             .await
     );
-    let policy = opsloop::policy::parse(PROMPT_POLICY).expect("policy");
-    opsloop::approvals::decide(
+    let policy = opsloop::domain::policy::parse(PROMPT_POLICY).expect("policy");
+    opsloop::engine::approvals::decide(
         &db.pool,
         &policy,
         second,
         "cli:ops",
-        opsloop::approvals::Decision::Approve,
+        opsloop::engine::approvals::Decision::Approve,
         None,
         "cli",
     )
@@ -433,7 +438,7 @@ async fn a_message_in_flight_is_marked_and_sent_again_after_a_crash() {
     let mut daemon = started(&db, &fake).await;
     fake.fail_next("sendmessage", 1, Fault::Slow(Duration::from_secs(60)));
     let mut conn = db.pool.acquire().await.expect("conn");
-    opsloop::notify::enqueue_text(&mut conn, ANN, "hello in flight")
+    opsloop::engine::notify::enqueue_text(&mut conn, ANN, "hello in flight")
         .await
         .expect("enqueue");
     assert!(

@@ -6,8 +6,8 @@ mod support;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use opsloop::missions::progress::{self, Ending, Lease};
-use opsloop::policy::Policy;
+use opsloop::domain::policy::Policy;
+use opsloop::engine::missions::progress::{self, Ending, Lease};
 use support::{Daemon, Effects, TestDb, opsloop_cmd, test_db};
 
 fn exactly_once_policy(effects: &Effects) -> String {
@@ -75,10 +75,10 @@ async fn four_worker_processes_run_2000_steps_exactly_once() {
     let db = test_db().await;
     let effects = Effects::start().await;
     let source = exactly_once_policy(&effects);
-    opsloop::policy::store::apply(&db.pool, &source, "test")
+    opsloop::store::policy::apply(&db.pool, &source, "test")
         .await
         .expect("apply");
-    let policy = opsloop::policy::parse(&source).expect("policy");
+    let policy = opsloop::domain::policy::parse(&source).expect("policy");
     let workers = Workers::start(&db.url, 4, 8);
     for n in 0..400 {
         propose(&db, &policy, "fan", &[("n", &n.to_string())]).await;
@@ -156,10 +156,10 @@ steps = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_worker_s_step_is_recovered_and_its_late_result_refused() {
     let db = test_db().await;
-    opsloop::policy::store::apply(&db.pool, CRASH_POLICY, "test")
+    opsloop::store::policy::apply(&db.pool, CRASH_POLICY, "test")
         .await
         .expect("apply");
-    let policy = opsloop::policy::parse(CRASH_POLICY).expect("policy");
+    let policy = opsloop::domain::policy::parse(CRASH_POLICY).expect("policy");
     let file = std::env::temp_dir().join(format!("opsloop-crash-{}.txt", std::process::id()));
     let _ = std::fs::remove_file(&file);
     let mut first = Workers::start(&db.url, 1, 1);
@@ -197,7 +197,7 @@ async fn a_killed_worker_s_step_is_recovered_and_its_late_result_refused() {
     let _second = Workers::start(&db.url, 1, 2);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        opsloop::heartbeat::tick(&db.pool, &policy)
+        opsloop::engine::heartbeat::tick(&db.pool, &policy)
             .await
             .expect("tick");
         let status: String = sqlx::query_scalar("SELECT status FROM ops_missions WHERE id = $1")
@@ -352,10 +352,10 @@ steps = [ { name = "hold", kind = "shell", run = ["sh", "-c", "echo $$ >> \"$OPS
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_cut_off_from_the_database_kills_its_steps() {
     let db = test_db().await;
-    opsloop::policy::store::apply(&db.pool, CUT_POLICY, "test")
+    opsloop::store::policy::apply(&db.pool, CUT_POLICY, "test")
         .await
         .expect("apply");
-    let policy = opsloop::policy::parse(CUT_POLICY).expect("policy");
+    let policy = opsloop::domain::policy::parse(CUT_POLICY).expect("policy");
     let file = std::env::temp_dir().join(format!("opsloop-cut-{}.pids", std::process::id()));
     let _ = std::fs::remove_file(&file);
     let groups = Groups(file.clone());
@@ -388,7 +388,7 @@ async fn a_worker_cut_off_from_the_database_kills_its_steps() {
     let deadline = Instant::now() + Duration::from_secs(60);
     while groups.pids().len() < 2 {
         assert!(Instant::now() < deadline, "the step was never run again");
-        let _ = opsloop::heartbeat::tick(&db.pool, &policy).await;
+        let _ = opsloop::engine::heartbeat::tick(&db.pool, &policy).await;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let kinds: Vec<String> =
@@ -452,7 +452,7 @@ steps = [ { name = "peek", kind = "shell", env = { STEP_OWN = "mine" },
                 .ok()
                 .flatten();
         if applied.is_some_and(|s| s.contains("peek")) {
-            break opsloop::policy::parse(source).expect("policy");
+            break opsloop::domain::policy::parse(source).expect("policy");
         }
         assert!(
             Instant::now() < deadline,

@@ -2,9 +2,9 @@
 
 mod support;
 
-use opsloop::approvals::{self, Decision};
-use opsloop::error::OpsError;
-use opsloop::proposals::{self, NewProposal, ProposalStatus, Source};
+use opsloop::domain::error::OpsError;
+use opsloop::engine::approvals::{self, Decision};
+use opsloop::engine::proposals::{self, NewProposal, ProposalStatus, Source};
 use support::{TestDb, policy, request, test_db};
 
 async fn count(db: &TestDb, sql: &str) -> i64 {
@@ -431,7 +431,7 @@ async fn pause_refuses_reactions_and_triggers_but_accepts_people() {
     let db = test_db().await;
     let mut conn = db.pool.acquire().await.expect("conn");
     assert!(
-        opsloop::gates::set_paused(
+        opsloop::engine::gates::set_paused(
             &mut conn,
             true,
             opsloop::domain::vocab::Source::Cli,
@@ -463,7 +463,7 @@ async fn pause_refuses_reactions_and_triggers_but_accepts_people() {
 async fn a_template_paused_after_failures_refuses() {
     let db = test_db().await;
     let mut conn = db.pool.acquire().await.expect("conn");
-    opsloop::gates::pause_template(&mut conn, "hello", 2)
+    opsloop::engine::gates::pause_template(&mut conn, "hello", 2)
         .await
         .expect("pause template");
     drop(conn);
@@ -476,7 +476,7 @@ async fn a_template_paused_after_failures_refuses() {
     .await;
     let mut conn = db.pool.acquire().await.expect("conn");
     assert!(
-        opsloop::gates::resume_template(
+        opsloop::engine::gates::resume_template(
             &mut conn,
             "hello",
             opsloop::domain::vocab::Source::Cli,
@@ -652,7 +652,7 @@ async fn every_state_change_has_its_event() {
     )
     .await
     .expect("reject");
-    opsloop::missions::cancel(&db.pool, low.mission_id.expect("m"), "cli:ann", "cli")
+    opsloop::engine::missions::cancel(&db.pool, low.mission_id.expect("m"), "cli:ann", "cli")
         .await
         .expect("cancel");
     // Every row's status is matched by an event of that kind.
@@ -681,7 +681,7 @@ async fn every_state_change_has_its_event() {
 
 /// The test policy with high-risk templates behind each gate about missions, and a
 /// template whose param takes any text.
-fn gated_policy() -> opsloop::policy::Policy {
+fn gated_policy() -> opsloop::domain::policy::Policy {
     let source = format!(
         "{}{}",
         support::POLICY.replace("max_pending = 5", "max_pending = 50"),
@@ -716,7 +716,7 @@ params.text = { pattern = '^.*$', help = "any text" }
 steps = [ { name = "s", kind = "noop" } ]
 "#
     );
-    match opsloop::policy::parse(&source) {
+    match opsloop::domain::policy::parse(&source) {
         Ok(p) => p,
         Err(problems) => panic!("gated policy: {problems:?}"),
     }
@@ -741,7 +741,12 @@ async fn approvals_of(db: &TestDb, proposal: i64) -> Vec<String> {
 }
 
 /// A refused approval: the gate's reason, and the proposal still pending, unapproved.
-async fn assert_approval_gated(db: &TestDb, pol: &opsloop::policy::Policy, id: i64, says: &str) {
+async fn assert_approval_gated(
+    db: &TestDb,
+    pol: &opsloop::domain::policy::Policy,
+    id: i64,
+    says: &str,
+) {
     let before = count(db, "SELECT count(*) FROM ops_agent_events").await;
     let d = approvals::decide(&db.pool, pol, id, "cli:bob", Decision::Approve, None, "cli").await;
     match d {
@@ -955,13 +960,13 @@ async fn a_template_paused_after_its_proposal_is_refused_at_approval() {
     .expect("propose");
     assert_eq!(p.status, ProposalStatus::Pending);
     let mut conn = db.pool.acquire().await.expect("conn");
-    opsloop::gates::pause_template(&mut conn, "deploy", 2)
+    opsloop::engine::gates::pause_template(&mut conn, "deploy", 2)
         .await
         .expect("pause template");
     drop(conn);
     assert_approval_gated(&db, &pol, p.id, "paused after 2 failed missions").await;
     let mut conn = db.pool.acquire().await.expect("conn");
-    opsloop::gates::resume_template(
+    opsloop::engine::gates::resume_template(
         &mut conn,
         "deploy",
         opsloop::domain::vocab::Source::Cli,
@@ -1007,7 +1012,7 @@ async fn the_second_red_approval_is_gated_and_the_first_is_kept() {
     .await
     .expect("bob");
     let mut conn = db.pool.acquire().await.expect("conn");
-    opsloop::gates::pause_template(&mut conn, "wipe", 3)
+    opsloop::engine::gates::pause_template(&mut conn, "wipe", 3)
         .await
         .expect("pause template");
     drop(conn);

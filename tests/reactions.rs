@@ -6,9 +6,9 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use opsloop::events;
-use opsloop::heartbeat;
-use opsloop::policy::Policy;
+use opsloop::domain::policy::Policy;
+use opsloop::engine::heartbeat;
+use opsloop::store::events;
 use support::{TestDb, opsloop_cmd, test_db};
 
 const POLICY: &str = r#"
@@ -64,12 +64,12 @@ propose = "digest"
 "#;
 
 fn policy() -> Policy {
-    opsloop::policy::parse(POLICY).expect("policy")
+    opsloop::domain::policy::parse(POLICY).expect("policy")
 }
 
 async fn setup() -> TestDb {
     let db = test_db().await;
-    opsloop::policy::store::apply(&db.pool, POLICY, "test")
+    opsloop::store::policy::apply(&db.pool, POLICY, "test")
         .await
         .expect("apply");
     db
@@ -194,7 +194,7 @@ async fn only_events_a_rule_can_match_wait_for_the_tick() {
     // LIKE's own wildcards in a kind are literal characters of the pattern.
     let listening =
         format!("{POLICY}\n[[reactions]]\nname = \"pong\"\non = \"po_g\"\npropose = \"digest\"\n");
-    opsloop::policy::store::apply(&db.pool, &listening, "test")
+    opsloop::store::policy::apply(&db.pool, &listening, "test")
         .await
         .expect("apply");
     emit(&db, "pong", serde_json::json!({})).await;
@@ -249,9 +249,14 @@ async fn pause_skips_reactions_and_triggers() {
     let db = setup().await;
     let pol = policy();
     let mut conn = db.pool.acquire().await.expect("conn");
-    opsloop::gates::set_paused(&mut conn, true, opsloop::domain::vocab::Source::Cli, "test")
-        .await
-        .expect("pause");
+    opsloop::engine::gates::set_paused(
+        &mut conn,
+        true,
+        opsloop::domain::vocab::Source::Cli,
+        "test",
+    )
+    .await
+    .expect("pause");
     drop(conn);
     emit(&db, "ping", serde_json::json!({})).await;
     heartbeat::tick(&db.pool, &pol).await.expect("tick");
@@ -354,17 +359,17 @@ async fn a_cooldown_holds_when_two_processes_react_at_once() {
     let policy_text = POLICY.replace("event_batch = 7", "event_batch = 1");
     for round in 0..5 {
         let db = test_db().await;
-        opsloop::policy::store::apply(&db.pool, &policy_text, "test")
+        opsloop::store::policy::apply(&db.pool, &policy_text, "test")
             .await
             .expect("apply");
-        let pol = opsloop::policy::parse(&policy_text).expect("policy");
+        let pol = opsloop::domain::policy::parse(&policy_text).expect("policy");
         for _ in 0..4 {
             emit(&db, "ping", serde_json::json!({})).await;
         }
         let second = opsloop::db::connect(&db.url, 4).await.expect("pool");
         let (a, b) = tokio::join!(
-            opsloop::reactions::process(&db.pool, &pol, false),
-            opsloop::reactions::process(&second, &pol, false),
+            opsloop::engine::reactions::process(&db.pool, &pol, false),
+            opsloop::engine::reactions::process(&second, &pol, false),
         );
         a.expect("first");
         b.expect("second");

@@ -2,7 +2,7 @@
 
 mod support;
 
-use opsloop::heartbeat;
+use opsloop::engine::heartbeat;
 use support::{TestDb, test_db};
 
 const POLICY: &str = r#"
@@ -25,8 +25,8 @@ params.n = { pattern = '^\d+$', help = "n" }
 steps = [ { name = "a", kind = "noop" } ]
 "#;
 
-async fn propose(db: &TestDb, template: &str, n: u32) -> opsloop::proposals::Proposed {
-    let policy = opsloop::policy::parse(POLICY).expect("policy");
+async fn propose(db: &TestDb, template: &str, n: u32) -> opsloop::engine::proposals::Proposed {
+    let policy = opsloop::domain::policy::parse(POLICY).expect("policy");
     support::propose(&db.pool, &policy, template, &[("n", &n.to_string())]).await
 }
 
@@ -44,7 +44,7 @@ async fn count(db: &TestDb, sql: &str) -> i64 {
 #[tokio::test]
 async fn old_finished_rows_go_and_live_ones_stay() {
     let db = test_db().await;
-    let policy = opsloop::policy::parse(POLICY).expect("policy");
+    let policy = opsloop::domain::policy::parse(POLICY).expect("policy");
     // Five old finished missions, one old running mission, one recent finished one,
     // an old pending proposal.
     let mut finished = Vec::new();
@@ -78,9 +78,10 @@ async fn old_finished_rows_go_and_live_ones_stay() {
         "UPDATE ops_agent_events SET created_at = now() - interval '3 hours', processed_at = now()",
     )
     .await;
-    let unprocessed = opsloop::events::emit_user(&db.pool, "note.x", "test", serde_json::json!({}))
-        .await
-        .expect("emit");
+    let unprocessed =
+        opsloop::store::events::emit_user(&db.pool, "note.x", "test", serde_json::json!({}))
+            .await
+            .expect("emit");
     exec(&db, "UPDATE ops_agent_events SET created_at = now() - interval '3 hours' WHERE processed_at IS NULL").await;
     // Old and new action runs.
     exec(&db, "INSERT INTO ops_action_runs (kind, outcome, started_at) SELECT 'tick', 'ok', now() - interval '2 hours' FROM generate_series(1, 7)").await;
@@ -175,7 +176,7 @@ async fn old_finished_rows_go_and_live_ones_stay() {
 #[tokio::test]
 async fn nothing_is_deleted_without_a_retention_policy() {
     let db = test_db().await;
-    let policy = opsloop::policy::parse(
+    let policy = opsloop::domain::policy::parse(
         &POLICY
             .replace("[retention]", "[x]")
             .replace("missions = \"1h\"\n", "")

@@ -239,11 +239,11 @@ propose = "tock"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_that_loses_its_lock_stops_before_the_next_phase() {
     let db = test_db().await;
-    opsloop::policy::store::apply(&db.pool, POLICY, "test")
+    opsloop::store::policy::apply(&db.pool, POLICY, "test")
         .await
         .expect("apply");
-    let policy = opsloop::policy::parse(POLICY).expect("policy");
-    opsloop::events::emit_user(&db.pool, "lock.test", "test", serde_json::json!({}))
+    let policy = opsloop::domain::policy::parse(POLICY).expect("policy");
+    opsloop::store::events::emit_user(&db.pool, "lock.test", "test", serde_json::json!({}))
         .await
         .expect("emit");
     // The heartbeat key is `pg_advisory_lock(0x6f700002)`: classid 0, objid 1869611010.
@@ -261,7 +261,7 @@ async fn a_tick_that_loses_its_lock_stops_before_the_next_phase() {
     ] {
         sqlx::query(sql).execute(&db.pool).await.expect("setup");
     }
-    let outcome = opsloop::heartbeat::tick(&db.pool, &policy).await;
+    let outcome = opsloop::engine::heartbeat::tick(&db.pool, &policy).await;
     let unprocessed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM ops_agent_events WHERE kind = 'lock.test' AND processed_at IS NULL",
     )
@@ -285,7 +285,7 @@ async fn a_tick_that_loses_its_lock_stops_before_the_next_phase() {
         .execute(&db.pool)
         .await
         .expect("drop trigger");
-    let summary = opsloop::heartbeat::tick(&db.pool, &policy)
+    let summary = opsloop::engine::heartbeat::tick(&db.pool, &policy)
         .await
         .expect("tick");
     assert!(summary.ran);

@@ -8,8 +8,8 @@
 mod support;
 
 use chrono::{DateTime, Duration, Utc};
-use opsloop::policy::Policy;
-use opsloop::triggers;
+use opsloop::domain::policy::Policy;
+use opsloop::engine::triggers;
 use support::{TestDb, test_db};
 
 fn at(s: &str) -> DateTime<Utc> {
@@ -33,7 +33,7 @@ tz = "Europe/Berlin"
 propose = "nightly"
 "#
     );
-    match opsloop::policy::parse(&source) {
+    match opsloop::domain::policy::parse(&source) {
         Ok(p) => p,
         Err(problems) => panic!("test policy: {problems:?}"),
     }

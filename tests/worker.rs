@@ -4,11 +4,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use opsloop::heartbeat;
-use opsloop::missions::progress::{self, Ending, Lease};
-use opsloop::policy::store::PolicyCache;
+use opsloop::engine::heartbeat;
+use opsloop::engine::missions::progress::{self, Ending, Lease};
+use opsloop::engine::worker::Worker;
+use opsloop::store::policy::PolicyCache;
 use opsloop::store::steps;
-use opsloop::worker::Worker;
 use support::{TestDb, test_db};
 use tokio_util::sync::CancellationToken;
 
@@ -92,7 +92,7 @@ struct Loop {
 
 async fn start() -> Loop {
     let db = test_db().await;
-    opsloop::policy::store::apply(&db.pool, POLICY, "test")
+    opsloop::store::policy::apply(&db.pool, POLICY, "test")
         .await
         .expect("apply");
     let cache = PolicyCache::default();
@@ -111,7 +111,7 @@ async fn start() -> Loop {
 
 impl Loop {
     async fn propose(&self, template: &str, params: &[(&str, &str)]) -> i64 {
-        let policy = opsloop::policy::parse(POLICY).expect("policy");
+        let policy = opsloop::domain::policy::parse(POLICY).expect("policy");
         let p = support::propose(&self.db.pool, &policy, template, params).await;
         p.mission_id.expect("low risk starts a mission")
     }
@@ -377,7 +377,7 @@ async fn cancel_kills_a_running_sleep() {
         .parse()
         .expect("number");
     assert!(alive(pid));
-    opsloop::missions::cancel(&l.db.pool, mission, "test", "cli")
+    opsloop::engine::missions::cancel(&l.db.pool, mission, "test", "cli")
         .await
         .expect("cancel");
     assert!(
@@ -395,7 +395,7 @@ async fn a_long_step_keeps_its_lease_by_renewal() {
     let l = start().await;
     let mission = l.propose("long", &[]).await;
     // Tick all along: an unrenewed 1s lease would be recovered by these.
-    let policy = opsloop::policy::parse(POLICY).expect("policy");
+    let policy = opsloop::domain::policy::parse(POLICY).expect("policy");
     let deadline = Instant::now() + Duration::from_secs(10);
     while l.mission_status(mission).await == "running" && Instant::now() < deadline {
         heartbeat::tick(&l.db.pool, &policy).await.expect("tick");
@@ -503,7 +503,7 @@ async fn a_cancel_while_an_attempt_ends_in_failure_is_final() {
         assert!(Instant::now() < deadline, "the step never got to its exit");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    opsloop::missions::cancel(&l.db.pool, mission, "test", "cli")
+    opsloop::engine::missions::cancel(&l.db.pool, mission, "test", "cli")
         .await
         .expect("cancel");
     assert!(
@@ -528,12 +528,12 @@ async fn a_cancel_while_an_attempt_ends_in_failure_is_final() {
 }
 
 /// The database alone, no worker: a test claims and reports as a worker would.
-async fn bare() -> (support::TestDb, opsloop::policy::Policy) {
+async fn bare() -> (support::TestDb, opsloop::domain::policy::Policy) {
     let db = test_db().await;
-    opsloop::policy::store::apply(&db.pool, POLICY, "test")
+    opsloop::store::policy::apply(&db.pool, POLICY, "test")
         .await
         .expect("apply");
-    (db, opsloop::policy::parse(POLICY).expect("policy"))
+    (db, opsloop::domain::policy::parse(POLICY).expect("policy"))
 }
 
 async fn claim_one(db: &TestDb) -> steps::Claimed {
@@ -592,7 +592,7 @@ async fn an_attempt_ending_after_the_cancel_ends_the_step_cancelled() {
         .mission_id
         .expect("mission");
     let step = claim_one(&db).await;
-    opsloop::missions::cancel(&db.pool, flaky, "test", "cli")
+    opsloop::engine::missions::cancel(&db.pool, flaky, "test", "cli")
         .await
         .expect("cancel");
     assert!(report(&db, &step, failure()).await, "the lease still holds");
@@ -613,7 +613,7 @@ async fn an_attempt_ending_after_the_cancel_ends_the_step_cancelled() {
     };
     assert!(report(&db, &work, done).await);
     let tell = claim_one(&db).await;
-    opsloop::missions::cancel(&db.pool, announce, "test", "cli")
+    opsloop::engine::missions::cancel(&db.pool, announce, "test", "cli")
         .await
         .expect("cancel");
     let emitted = Ending::Succeeded {
@@ -661,16 +661,21 @@ async fn paused_steps_wait_and_run_after_resume() {
         .expect("mission");
     let mut conn = db.pool.acquire().await.expect("conn");
     assert!(
-        opsloop::gates::set_paused(&mut conn, true, opsloop::domain::vocab::Source::Cli, "test")
-            .await
-            .expect("pause")
+        opsloop::engine::gates::set_paused(
+            &mut conn,
+            true,
+            opsloop::domain::vocab::Source::Cli,
+            "test"
+        )
+        .await
+        .expect("pause")
     );
     let claimed = steps::claim_ready(&db.pool, "test-worker", 10, Duration::from_secs(60))
         .await
         .expect("claim");
     assert!(claimed.is_empty(), "{claimed:?}");
     assert!(
-        opsloop::gates::set_paused(
+        opsloop::engine::gates::set_paused(
             &mut conn,
             false,
             opsloop::domain::vocab::Source::Cli,

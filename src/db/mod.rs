@@ -12,7 +12,7 @@ use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
-use crate::config::{Settings, redact_url};
+use crate::domain::config::{Settings, redact_url};
 use embedded::EmbeddedPostgres;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -30,7 +30,10 @@ pub mod channels {
 }
 
 /// NOTIFY `channel` in the caller's transaction: listeners hear it on commit.
-pub async fn notify(conn: &mut sqlx::PgConnection, channel: &str) -> crate::error::OpsResult<()> {
+pub async fn notify(
+    conn: &mut sqlx::PgConnection,
+    channel: &str,
+) -> crate::domain::error::OpsResult<()> {
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(channel)
         .execute(conn)

@@ -7,7 +7,7 @@ use serde_json::Value;
 use unicode_normalization::UnicodeNormalization;
 use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
-use crate::error::{OpsError, OpsResult};
+use crate::domain::error::{OpsError, OpsResult};
 
 /// The longest identity, in characters after normalization.
 pub const MAX_IDENTITY: usize = 64;

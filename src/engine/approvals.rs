@@ -9,12 +9,12 @@ use serde_json::json;
 use sqlx::{PgConnection, PgPool};
 
 use crate::db::locks;
+use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::input;
 use crate::domain::policy::Policy;
 use crate::domain::vocab::{EventKind, Source};
 use crate::engine::gates;
 use crate::engine::proposals::{self, ProposalStatus};
-use crate::error::{OpsError, OpsResult};
 use crate::store::events::{self, NewEvent};
 use crate::store::{approvals as approvals_store, outbox, proposals as proposals_store};
 

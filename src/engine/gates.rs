@@ -8,11 +8,11 @@ use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 
 use crate::db::{self, channels};
+use crate::domain::error::OpsResult;
+use crate::domain::policy::{Policy, Template};
 use crate::domain::vocab::{EventKind, Source};
-use crate::error::OpsResult;
-use crate::events::{self, NewEvent};
-use crate::policy::{Policy, Template};
 use crate::store;
+use crate::store::events::{self, NewEvent};
 
 /// Why a proposal was refused: the gate's name and a sentence for people.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,18 +12,18 @@ use serde::Serialize;
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::approvals;
 use crate::db::locks;
 use crate::db::singleton::{Held, Singleton};
+use crate::domain::error::{OpsError, OpsResult};
+use crate::domain::policy::Policy;
 use crate::domain::vocab::{EventKind, MissionStatus, Source, StepStatus};
-use crate::error::{OpsError, OpsResult};
-use crate::gates;
-use crate::missions::progress;
-use crate::policy::Policy;
+use crate::engine::approvals;
+use crate::engine::gates;
+use crate::engine::missions::progress;
+use crate::engine::telemetry;
 use crate::store::events::{self, NewEvent};
 use crate::store::{missions, runs, steps};
-use crate::telemetry;
-use crate::{reactions, retention, triggers};
+use crate::{engine::reactions, engine::retention, engine::triggers};
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct TickSummary {

@@ -10,12 +10,12 @@ use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 
 use crate::db::{self, locks};
+use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::input;
 use crate::domain::policy::{Policy, Risk, Template};
 use crate::domain::vocab::EventKind;
 use crate::engine::gates;
 use crate::engine::missions::{self, PlannedStep};
-use crate::error::{OpsError, OpsResult};
 use crate::store::events::{self, NewEvent};
 use crate::store::proposals::{self as store, NewRow};
 

@@ -9,9 +9,9 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
 use crate::db::locks;
-use crate::error::OpsResult;
-use crate::policy::{Policy, Reaction};
-use crate::proposals::{self, NewProposal, ProposalStatus, Source};
+use crate::domain::error::OpsResult;
+use crate::domain::policy::{Policy, Reaction};
+use crate::engine::proposals::{self, NewProposal, ProposalStatus, Source};
 use crate::store;
 
 /// How long one tick may spend on reactions before leaving the rest for the next.

@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::error::OpsResult;
-use crate::policy::RetentionPolicy;
+use crate::domain::error::OpsResult;
+use crate::domain::policy::RetentionPolicy;
 use crate::store::{events, outbox, proposals, reactions, runs};
 
 /// Statements per kind of row and tick: with `batch` rows each, a tick's work is bounded.

@@ -6,10 +6,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::error::OpsResult;
-use crate::gates;
-use crate::missions::{self, MissionStatus, MissionSummary};
-use crate::proposals::{self, ProposalView};
+use crate::domain::error::OpsResult;
+use crate::engine::gates;
+use crate::engine::missions::{self, MissionStatus, MissionSummary};
+use crate::engine::proposals::{self, ProposalView};
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
 pub struct WorkerView {

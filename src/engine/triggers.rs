@@ -13,10 +13,10 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tracing::warn;
 
+use crate::domain::error::OpsResult;
 use crate::domain::policy::{Policy, Trigger};
 use crate::domain::vocab::Source;
 use crate::engine::proposals::{self, NewProposal};
-use crate::error::OpsResult;
 use crate::store::triggers as state;
 
 /// Fire every trigger whose next slot after the last one handled is due. Returns how

@@ -10,11 +10,11 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{self, Database};
-use crate::error::OpsError;
-use crate::heartbeat;
-use crate::policy::store::{self, PolicyCache};
-use crate::proposals::{self, NewProposal, Source};
-use crate::worker::Worker;
+use crate::domain::error::OpsError;
+use crate::engine::heartbeat;
+use crate::engine::proposals::{self, NewProposal, Source};
+use crate::engine::worker::Worker;
+use crate::store::policy::{self as policy_store, PolicyCache};
 
 /// A scratch database on the same server, dropped at the end.
 struct Scratch {
@@ -140,7 +140,7 @@ pub async fn worker(
     }
     let scratch = Scratch::create(db).await?;
     let pool = scratch.pool.clone();
-    store::apply(&pool, &bench_policy(workers, steps_per_mission, 0), "bench").await?;
+    policy_store::apply(&pool, &bench_policy(workers, steps_per_mission, 0), "bench").await?;
     if history > 0 {
         preload_history(&pool, history).await?;
     }
@@ -265,9 +265,9 @@ pub async fn latency(db: &Database, samples: u32) -> anyhow::Result<Value> {
     let scratch = Scratch::create(db).await?;
     let pool = scratch.pool.clone();
     let source = bench_policy(4, 1, 0);
-    store::apply(&pool, &source, "bench").await?;
-    let policy =
-        crate::policy::parse(&source).map_err(|p| anyhow::anyhow!("bench policy: {p:?}"))?;
+    policy_store::apply(&pool, &source, "bench").await?;
+    let policy = crate::domain::policy::parse(&source)
+        .map_err(|p| anyhow::anyhow!("bench policy: {p:?}"))?;
     let cache = PolicyCache::default();
     cache.refresh(&pool).await?;
     let stop = CancellationToken::new();
@@ -343,9 +343,9 @@ pub async fn tick(db: &Database, events: u32, rules: u32) -> anyhow::Result<Valu
     let scratch = Scratch::create(db).await?;
     let pool = scratch.pool.clone();
     let source = bench_policy(4, 1, rules);
-    store::apply(&pool, &source, "bench").await?;
-    let policy =
-        crate::policy::parse(&source).map_err(|p| anyhow::anyhow!("bench policy: {p:?}"))?;
+    policy_store::apply(&pool, &source, "bench").await?;
+    let policy = crate::domain::policy::parse(&source)
+        .map_err(|p| anyhow::anyhow!("bench policy: {p:?}"))?;
     // One event in a hundred matches rule0's pattern and `where`; the rest match nothing.
     sqlx::query(
         "INSERT INTO ops_agent_events (kind, source, payload)

@@ -9,16 +9,16 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::bot;
-use crate::config::Settings;
 use crate::db::{self, Database};
-use crate::error::{OpsError, OpsResult};
-use crate::heartbeat::{self, TickSummary};
-use crate::http;
-use crate::notify::sender::Sender;
-use crate::policy::store::{self, PolicyCache};
-use crate::users;
-use crate::worker::{self, Worker};
+use crate::domain::config::Settings;
+use crate::domain::error::{OpsError, OpsResult};
+use crate::engine::heartbeat::{self, TickSummary};
+use crate::engine::notify::sender::Sender;
+use crate::engine::worker::{self, Worker};
+use crate::interfaces::bot;
+use crate::interfaces::http;
+use crate::store::policy::{self as policy_store, PolicyCache};
+use crate::store::users;
 
 /// The daemon: heartbeat and worker (and, when configured, the bot and HTTP).
 pub async fn run(settings: Settings, policy_file: Option<PathBuf>) -> anyhow::Result<()> {
@@ -47,7 +47,7 @@ pub async fn run(settings: Settings, policy_file: Option<PathBuf>) -> anyhow::Re
     if let Some(path) = policy_file.or_else(|| settings.policy_file.clone()) {
         let source = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read the policy file {}", path.display()))?;
-        let version = store::apply(&pool, &source, "opsloop run").await?;
+        let version = policy_store::apply(&pool, &source, "opsloop run").await?;
         info!(file = %path.display(), version, "policy applied");
     }
     users::ensure_admins(&pool, &settings.admins).await?;
@@ -190,4 +190,4 @@ fn shutdown_on_signal() -> CancellationToken {
 }
 
 /// `opsloop doctor` (it lives in `crate::doctor`).
-pub use crate::doctor::doctor;
+pub use crate::interfaces::doctor::doctor;

@@ -13,9 +13,10 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
-use crate::config::{Settings, redact_url};
 use crate::db::{Database, MIGRATOR};
-use crate::policy::{self, store};
+use crate::domain::config::{Settings, redact_url};
+use crate::domain::policy;
+use crate::store::policy as policy_store;
 
 const DB_TIMEOUT: Duration = Duration::from_secs(5);
 const TELEGRAM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -319,7 +320,7 @@ async fn check_policy(report: &mut Report, file: Option<&Path>, pool: Option<&Pg
         }
         return;
     };
-    match store::load(pool).await {
+    match policy_store::load(pool).await {
         Ok(Some(applied)) => report.ok(
             CHECK,
             format!("the applied policy (version {}) is valid", applied.version),

@@ -3,7 +3,7 @@
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+use crate::domain::config::LogFormat;
 
 pub fn init(format: LogFormat, daemon: bool) {
     let default = if daemon { "info,sqlx=warn" } else { "warn" };

@@ -7,7 +7,7 @@
 use serde::Serialize;
 use sqlx::PgConnection;
 
-use crate::error::{OpsError, OpsResult};
+use crate::domain::error::{OpsError, OpsResult};
 
 /// One person's decision on a proposal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

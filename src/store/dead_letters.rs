@@ -4,7 +4,7 @@
 
 use sqlx::PgConnection;
 
-use crate::error::OpsResult;
+use crate::domain::error::OpsResult;
 
 /// Dead-letter a step that failed for good, with its last error.
 pub async fn record(conn: &mut PgConnection, step_id: i64, last_error: &str) -> OpsResult<()> {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
-use crate::error::{OpsError, OpsResult};
+use crate::domain::error::{OpsError, OpsResult};
 
 /// The one event insert, as SQL text: `insert_events!(kinds: "$4", rows: "<rows>")` is
 /// an `INSERT INTO ops_agent_events` of `<rows>`, a query (or `VALUES`) giving, in

@@ -13,8 +13,8 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
 use crate::db::channels;
+use crate::domain::error::OpsResult;
 use crate::domain::vocab::{EventKind, MissionStatus, Source};
-use crate::error::OpsResult;
 use crate::store::events::insert_events;
 
 /// A new running mission of an approved proposal.

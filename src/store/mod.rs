@@ -22,7 +22,7 @@ pub mod workers;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use crate::error::OpsResult;
+use crate::domain::error::OpsResult;
 
 /// Retention's statement shape: a bounded `DELETE` of rows older than `$1` (`cutoff`),
 /// at most `$2` (`limit`) of them. Returns how many went.

@@ -14,7 +14,7 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
 use crate::db::channels;
-use crate::error::OpsResult;
+use crate::domain::error::OpsResult;
 
 /// What a row says while Telegram is being called. Left there, it tells that the sender
 /// stopped mid-call, and the message may be in the chat already.

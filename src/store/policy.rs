@@ -7,9 +7,9 @@ use std::sync::Arc;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::RwLock;
 
+use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::policy::{NotifyPolicy, Policy, parse};
 use crate::domain::vocab::{EventKind, Source};
-use crate::error::{OpsError, OpsResult};
 use crate::store::events::{self, NewEvent};
 
 /// A parsed policy and the version it was stored under.

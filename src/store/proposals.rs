@@ -11,9 +11,9 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
+use crate::domain::error::OpsResult;
 use crate::domain::policy::Risk;
 use crate::domain::vocab::{ProposalStatus, Source};
-use crate::error::OpsResult;
 
 /// A proposal about to be recorded.
 #[derive(Debug, Clone)]

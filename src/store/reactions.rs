@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 
-use crate::error::OpsResult;
+use crate::domain::error::OpsResult;
 
 /// Record what `reaction` decided for `event_id` (`status`: proposed or skipped). A
 /// decision already recorded stays as it was.

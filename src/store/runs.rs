@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::error::OpsResult;
+use crate::domain::error::OpsResult;
 
 /// The one `ops_action_runs` insert, as SQL text: `insert_runs!("<rows>")` inserts
 /// `<rows>`, a query (or `VALUES`) giving, in order, `kind, step_id, attempt, worker,

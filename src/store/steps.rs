@@ -18,8 +18,8 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
 use crate::db::{channels, interval};
+use crate::domain::error::OpsResult;
 use crate::domain::vocab::{EventKind, MissionStatus, Source, StepStatus};
-use crate::error::OpsResult;
 use crate::store::events::insert_events;
 use crate::store::runs::insert_runs;
 

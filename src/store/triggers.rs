@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use crate::error::OpsResult;
+use crate::domain::error::OpsResult;
 
 /// The last slot trigger `name` handled, its row locked; `None` when never seen.
 pub async fn lock_last_slot(

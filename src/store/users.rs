@@ -10,8 +10,8 @@ use sqlx::PgPool;
 
 use serde_json::json;
 
+use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::vocab::{EventKind, Source};
-use crate::error::{OpsError, OpsResult};
 use crate::store::events::{self, NewEvent};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]

@@ -4,7 +4,7 @@
 
 use sqlx::PgExecutor;
 
-use crate::error::OpsResult;
+use crate::domain::error::OpsResult;
 
 pub async fn register(
     db: impl PgExecutor<'_>,

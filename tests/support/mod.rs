@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use opsloop::db::embedded::EmbeddedPostgres;
-use opsloop::policy::Policy;
+use opsloop::domain::policy::Policy;
 use sqlx::PgPool;
 
 static SERVER: OnceLock<String> = OnceLock::new();
@@ -219,7 +219,7 @@ steps = [ { name = "s", kind = "noop" } ]
 "#;
 
 pub fn policy() -> Policy {
-    match opsloop::policy::parse(POLICY) {
+    match opsloop::domain::policy::parse(POLICY) {
         Ok(p) => p,
         Err(problems) => panic!("test policy: {problems:?}"),
     }
@@ -227,7 +227,7 @@ pub fn policy() -> Policy {
 
 /// Store the test policy in `db`.
 pub async fn apply_policy(db: &TestDb) {
-    opsloop::policy::store::apply(&db.pool, POLICY, "test")
+    opsloop::store::policy::apply(&db.pool, POLICY, "test")
         .await
         .expect("apply policy");
 }
@@ -283,15 +283,15 @@ pub fn request(
     template: &str,
     params: &[(&str, &str)],
     by: &str,
-) -> opsloop::proposals::NewProposal {
-    opsloop::proposals::NewProposal {
+) -> opsloop::engine::proposals::NewProposal {
+    opsloop::engine::proposals::NewProposal {
         template: template.into(),
         params: params
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         proposed_by: by.into(),
-        source: opsloop::proposals::Source::Cli,
+        source: opsloop::engine::proposals::Source::Cli,
     }
 }
 
@@ -301,8 +301,8 @@ pub async fn propose(
     policy: &Policy,
     template: &str,
     params: &[(&str, &str)],
-) -> opsloop::proposals::Proposed {
-    opsloop::proposals::propose(pool, policy, request(template, params, "test"))
+) -> opsloop::engine::proposals::Proposed {
+    opsloop::engine::proposals::propose(pool, policy, request(template, params, "test"))
         .await
         .expect("propose")
 }

@@ -11,8 +11,6 @@
 mod read;
 mod rules;
 mod sections;
-// Transitional alias: the store moved to `crate::store::policy`.
-pub use crate::store::policy as store;
 mod templates;
 #[cfg(test)]
 mod tests;
@@ -26,8 +24,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::steps::StepSpec;
 use crate::domain::vocab::EventKind;
-use crate::steps::StepSpec;
 
 pub use rules::payload_contains;
 

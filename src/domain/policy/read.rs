@@ -172,7 +172,7 @@ pub(super) fn string(ctx: &mut Ctx, v: &Val, path: &str) -> Option<String> {
 /// PostgreSQL cannot store a `"\u0000"` escape's NUL (steps, payloads and params end
 /// up in jsonb): refused here with its location rather than when a mission is created.
 fn storable(ctx: &mut Ctx, span: Range<usize>, path: &str, text: &str) -> bool {
-    match crate::input::storable_text(text, "the string") {
+    match crate::domain::input::storable_text(text, "the string") {
         Ok(()) => true,
         Err(e) => {
             ctx.problem(&span, path, e.to_string());
@@ -183,7 +183,7 @@ fn storable(ctx: &mut Ctx, span: Range<usize>, path: &str, text: &str) -> bool {
 
 fn storable_key(ctx: &mut Ctx, key: &Spanned<std::borrow::Cow<str>>, path: &str) -> bool {
     let name: &str = key.get_ref();
-    match crate::input::storable_text(name, "the key") {
+    match crate::domain::input::storable_text(name, "the key") {
         Ok(()) => true,
         Err(e) => {
             // The path shows the key escaped, so the message itself holds no NUL.

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::read::{self, Ctx, Entry, Fields, Val};
 use super::templates::{Known, unknown_template};
 use super::{EventPattern, ParamSpec, Reaction, TemplateName, Trigger};
-use crate::steps::placeholders_in;
+use crate::domain::steps::placeholders_in;
 
 /// Subset match: every key of `want` (recursively, for objects) is in `have` with an
 /// equal value; other values must be equal.

@@ -7,7 +7,7 @@ use regex::Regex;
 
 use super::read::{self, Ctx, Fields, Val};
 use super::{ParamSpec, Risk, StepTemplate, Template, TemplateName};
-use crate::steps::{StepKind, StepSpec};
+use crate::domain::steps::{StepKind, StepSpec};
 
 pub(super) const ANCHOR_START: &str = "^(?:";
 pub(super) const ANCHOR_END: &str = ")$";

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::{ParamSpec, Reaction, StepTemplate, Template, Trigger, payload_contains, templates};
-use crate::steps::substitute_str;
+use crate::domain::steps::substitute_str;
 
 impl ParamSpec {
     /// Compile `pattern` (as written in the policy) anchored to the whole value.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::steps::StepSpec;
+use crate::domain::steps::StepSpec;
 
 /// How much of each output stream (stdout, stderr, an HTTP body) a result keeps.
 pub const TAIL_BYTES: usize = 16 * 1024;

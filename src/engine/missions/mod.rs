@@ -9,10 +9,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 
+use crate::domain::error::{OpsError, OpsResult};
+use crate::domain::steps::StepSpec;
 use crate::domain::vocab::EventKind;
 pub use crate::domain::vocab::{MissionStatus, StepStatus};
-use crate::error::{OpsError, OpsResult};
-use crate::steps::StepSpec;
 use crate::store::{
     self,
     events::{self, NewEvent},
@@ -80,7 +80,7 @@ pub async fn cancel(pool: &PgPool, mission_id: i64, actor: &str, source: &str) -
     .await?;
     store::missions::announce_cancel(&mut tx, mission_id).await?;
     tx.commit().await?;
-    crate::telemetry::mission_finished(MissionStatus::Cancelled.as_str());
+    crate::engine::telemetry::mission_finished(MissionStatus::Cancelled.as_str());
     Ok(())
 }
 

@@ -9,13 +9,13 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
+use crate::domain::error::OpsResult;
 use crate::domain::vocab::{EventKind, MissionStatus, Source, StepStatus};
-use crate::error::OpsResult;
-use crate::gates;
+use crate::engine::gates;
+use crate::engine::telemetry;
 use crate::store::events::{self, NewEvent};
 use crate::store::steps::{EndingRow, Stored};
 use crate::store::{dead_letters, missions, steps};
-use crate::telemetry;
 
 /// The attempt a worker holds: its fencing token.
 #[derive(Debug, Clone, PartialEq, Eq)]

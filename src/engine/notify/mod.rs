@@ -11,7 +11,7 @@ pub mod sender;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
-use crate::error::OpsResult;
+use crate::domain::error::OpsResult;
 use crate::store::outbox;
 
 /// Telegram's limit on a message's text (UTF-16 code units after entity parsing).

@@ -7,10 +7,10 @@ use sqlx::PgPool;
 use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup};
 
 use super::{cut, escape, pages};
+use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::vocab::EventKind;
-use crate::error::{OpsError, OpsResult};
-use crate::missions;
-use crate::proposals::{self, ProposalStatus};
+use crate::engine::missions;
+use crate::engine::proposals::{self, ProposalStatus};
 
 /// A message ready to send: text and, for open prompts, the buttons.
 #[derive(Debug, Clone, PartialEq)]

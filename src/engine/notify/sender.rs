@@ -31,10 +31,10 @@ use tracing::warn;
 use super::render::{self, Rendered};
 use crate::db::singleton::Singleton;
 use crate::db::{self, channels, locks};
-use crate::error::OpsResult;
-use crate::policy::TelegramPolicy;
+use crate::domain::error::OpsResult;
+use crate::domain::policy::TelegramPolicy;
+use crate::engine::telemetry;
 use crate::store::outbox::{self, Pending as Row};
-use crate::telemetry;
 
 /// Attempts before a row is given up (transient errors only; 429s do not count).
 const MAX_ATTEMPTS: i32 = 12;
@@ -238,7 +238,7 @@ impl Sender {
                 outbox::slow_down_chat(&self.pool, row, db::interval(after), &error).await?;
             }
             Delivery::Transient(error) if attempt < MAX_ATTEMPTS => {
-                let delay = crate::executors::backoff_delay(
+                let delay = crate::engine::executors::backoff_delay(
                     attempt as u32,
                     Duration::from_millis(500),
                     Duration::from_secs(60),
@@ -343,7 +343,9 @@ impl Sender {
                     buttons: None,
                 }),
                 (None, Some(event)) => render::event(&self.pool, event).await,
-                (None, None) => Err(crate::error::OpsError::bad_input("an empty notification")),
+                (None, None) => Err(crate::domain::error::OpsError::bad_input(
+                    "an empty notification",
+                )),
             },
         }
     }

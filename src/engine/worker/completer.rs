@@ -7,8 +7,8 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::missions::progress::{self, Ending, Lease};
-use crate::policy::store::PolicyCache;
+use crate::engine::missions::progress::{self, Ending, Lease};
+use crate::store::policy::PolicyCache;
 
 /// Endings stored in one transaction at most.
 const COMPLETION_BATCH: usize = 512;
@@ -36,7 +36,7 @@ async fn store(pool: &PgPool, batch: &[(Lease, Ending)], pause_after_failures: u
             let mut tx = pool.begin().await?;
             let stored = progress::finish_batch(&mut tx, batch, pause_after_failures).await?;
             tx.commit().await?;
-            Ok::<Vec<bool>, crate::error::OpsError>(stored)
+            Ok::<Vec<bool>, crate::domain::error::OpsError>(stored)
         };
         match attempt.await {
             Ok(stored) => {

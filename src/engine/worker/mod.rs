@@ -20,14 +20,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
 use crate::db::channels;
-use crate::executors::{self, Executors, Outcome, StepContext};
-use crate::missions::progress::{Ending, Lease};
-use crate::policy::Policy;
-use crate::policy::store::PolicyCache;
-use crate::steps::StepSpec;
+use crate::domain::policy::Policy;
+use crate::domain::steps::StepSpec;
+use crate::engine::executors::{self, Executors, Outcome, StepContext};
+use crate::engine::missions::progress::{Ending, Lease};
+use crate::engine::telemetry;
+use crate::store::policy::PolicyCache;
 use crate::store::steps::{self, Claimed};
 use crate::store::workers;
-use crate::telemetry;
 
 /// How long running steps may take to finish after SIGTERM before they are released.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -390,7 +390,7 @@ impl Worker {
                 }
             }
             let _ = workers::seen(&self.pool, &self.id).await;
-            Ok::<(), crate::error::OpsError>(())
+            Ok::<(), crate::domain::error::OpsError>(())
         };
         match tokio::time::timeout_at(until, renewal).await {
             Ok(Ok(())) => true,

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use teloxide::types::User as TgUser;
 
-use crate::notify::escape;
-use crate::policy::TelegramPolicy;
-use crate::users::{self, Role, User};
+use crate::domain::policy::TelegramPolicy;
+use crate::engine::notify::escape;
+use crate::store::users::{self, Role, User};
 
 /// A stranger is told "not authorized" at most once per this window; what they send
 /// meanwhile is dropped, not queued, so a flood costs the outbox one message.
@@ -144,7 +144,7 @@ pub async fn seen(
     pool: &sqlx::PgPool,
     user: &TgUser,
     private: bool,
-) -> crate::error::OpsResult<Option<User>> {
+) -> crate::domain::error::OpsResult<Option<User>> {
     users::seen(pool, user.id.0 as i64, &display_name(user), private).await
 }
 

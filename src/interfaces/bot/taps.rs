@@ -8,11 +8,11 @@ use teloxide::prelude::*;
 
 use super::access;
 use super::{BotState, HandlerResult};
-use crate::approvals::{self, Decision};
-use crate::error::OpsError;
-use crate::events::sources;
-use crate::notify::{self, cut};
-use crate::users::Role;
+use crate::domain::error::OpsError;
+use crate::engine::approvals::{self, Decision};
+use crate::engine::notify::{self, cut};
+use crate::store::events::sources;
+use crate::store::users::Role;
 
 /// `a:12` → (Approve, 12). Anything else is refused.
 pub fn parse_data(data: &str) -> Option<(Decision, i64)> {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::error::OpsError;
+use crate::domain::error::OpsError;
 
 #[derive(Debug, Parser)]
 #[command(

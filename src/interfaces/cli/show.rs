@@ -1,9 +1,9 @@
 //! How the CLI prints things for people. Scripts use `--json`.
 
-use crate::missions::{MissionSummary, MissionView};
-use crate::proposals::{ProposalStatus, Proposed};
-use crate::status::Status;
-use crate::users::User;
+use crate::engine::missions::{MissionSummary, MissionView};
+use crate::engine::proposals::{ProposalStatus, Proposed};
+use crate::engine::status::Status;
+use crate::store::users::User;
 
 pub fn proposed(p: &Proposed) {
     match p.status {
