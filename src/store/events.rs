@@ -41,15 +41,6 @@ macro_rules! insert_events {
 }
 pub(crate) use insert_events;
 
-/// Who wrote an event.
-pub mod sources {
-    pub const CLI: &str = "cli";
-    pub const TELEGRAM: &str = "telegram";
-    pub const HTTP: &str = "http";
-    pub const WORKER: &str = "worker";
-    pub const HEARTBEAT: &str = "heartbeat";
-}
-
 /// An event about to be written. Ids tie it to what it is about.
 #[derive(Debug, Clone, Default)]
 pub struct NewEvent {

@@ -9,9 +9,10 @@ use teloxide::prelude::*;
 use super::access;
 use super::{BotState, HandlerResult};
 use crate::domain::error::OpsError;
+use crate::domain::vocab::Source;
 use crate::engine::approvals::{self, Decision};
 use crate::engine::notify::{self, cut};
-use crate::store::events::sources;
+
 use crate::store::users::Role;
 
 /// `a:12` → (Approve, 12). Anything else is refused.
@@ -80,7 +81,7 @@ async fn decide(state: &BotState, q: &CallbackQuery) -> String {
         &access::actor(&q.from),
         decision,
         None,
-        sources::TELEGRAM,
+        Source::Telegram.as_str(),
     )
     .await
     {

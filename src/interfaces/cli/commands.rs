@@ -21,7 +21,7 @@ use crate::engine::missions::{self, MissionStatus};
 use crate::engine::proposals::{self, NewProposal, ProposalStatus};
 use crate::engine::status as summary;
 use crate::interfaces::{bench, daemon, logging};
-use crate::store::events::{self, sources};
+use crate::store::events;
 use crate::store::policy as store;
 use crate::store::users::{self, Role};
 
@@ -162,7 +162,7 @@ async fn propose(
 
 async fn cancel(pool: &PgPool, mission_id: &str, actor: Option<String>) -> OpsResult<i32> {
     let id = parse_id(mission_id, "mission")?;
-    missions::cancel(pool, id, &whoami(actor)?, sources::CLI).await?;
+    missions::cancel(pool, id, &whoami(actor)?, Source::Cli.as_str()).await?;
     println!("mission #{id} cancelled");
     Ok(0)
 }
@@ -212,7 +212,7 @@ async fn emit(pool: &PgPool, kind: &str, payload: Option<String>) -> OpsResult<i
             .map_err(|e| OpsError::bad_input(format!("--payload is not valid JSON: {e}")))?,
     };
     input::storable_json(&payload, "payload")?;
-    let id = events::emit_user(pool, kind, sources::CLI, payload).await?;
+    let id = events::emit_user(pool, kind, Source::Cli.as_str(), payload).await?;
     println!("event #{id} {kind} emitted");
     Ok(0)
 }
@@ -305,7 +305,7 @@ async fn decide(
         &whoami(actor)?,
         decision,
         reason.as_deref(),
-        sources::CLI,
+        Source::Cli.as_str(),
     )
     .await?;
     if json {

@@ -23,7 +23,7 @@ use crate::domain::policy::Policy;
 use crate::domain::vocab::Source;
 use crate::engine::proposals::{self, NewProposal, ProposalStatus};
 use crate::engine::{heartbeat, missions, telemetry};
-use crate::store::events::{self, sources};
+use crate::store::events;
 
 /// `/healthz` says 503 when `SELECT 1` takes longer than this.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -84,7 +84,7 @@ pub(super) async fn emit_event(
     StrictJson(body): StrictJson<EventRequest>,
 ) -> Result<Response, ApiError> {
     let payload = body.payload.unwrap_or_else(|| json!({}));
-    let id = events::emit_user(&state.pool, &body.kind, sources::HTTP, payload).await?;
+    let id = events::emit_user(&state.pool, &body.kind, Source::Http.as_str(), payload).await?;
     Ok((StatusCode::CREATED, Json(json!({ "id": id }))).into_response())
 }
 

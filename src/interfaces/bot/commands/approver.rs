@@ -5,10 +5,10 @@ use std::sync::Arc;
 use super::Caller;
 use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::input::parse_id;
+use crate::domain::vocab::Source;
 use crate::engine::approvals::{self, Decision};
 use crate::engine::notify::{cut, escape};
 use crate::interfaces::bot::BotState;
-use crate::store::events::sources;
 
 /// `/approve ID`.
 pub async fn approve(state: Arc<BotState>, caller: Caller, args: String) -> OpsResult<String> {
@@ -46,7 +46,7 @@ async fn decide(
         &caller.actor(),
         decision,
         reason.as_deref(),
-        sources::TELEGRAM,
+        Source::Telegram.as_str(),
     )
     .await?;
     Ok(escape(&decided.describe()))

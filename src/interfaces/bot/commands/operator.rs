@@ -12,7 +12,6 @@ use crate::engine::notify::{cut, escape};
 use crate::engine::proposals::{self, NewProposal, ProposalStatus};
 use crate::interfaces::bot::access::Pace;
 use crate::interfaces::bot::{BotState, SLOW_DOWN};
-use crate::store::events::sources;
 
 /// `/propose TEMPLATE key=value …`: the same entry point as the CLI and HTTP. Only a
 /// valid proposal counts against the proposal rate limit; bad input gets the template's
@@ -92,6 +91,6 @@ pub async fn propose(state: Arc<BotState>, caller: Caller, args: String) -> OpsR
 /// `/cancel ID`: queued steps are cancelled, a running step is killed.
 pub async fn cancel(state: Arc<BotState>, caller: Caller, args: String) -> OpsResult<String> {
     let id = parse_id(first(&args, "mission")?, "mission")?;
-    missions::cancel(&state.pool, id, &caller.actor(), sources::TELEGRAM).await?;
+    missions::cancel(&state.pool, id, &caller.actor(), Source::Telegram.as_str()).await?;
     Ok(format!("⏹ mission #{id} cancelled"))
 }
