@@ -182,17 +182,10 @@ impl PolicyCache {
 
 // The pause switch and paused templates, also kept in `ops_policy`.
 
-/// The pause switch as an SQL expression: every statement that reads it uses this one.
-macro_rules! paused_sql {
-    () => {
-        "coalesce((SELECT (value->>'paused')::boolean FROM ops_policy WHERE key = 'paused'), false)"
-    };
-}
-#[allow(unused_imports)] // the worker's claim reads the switch through it too
-pub(crate) use paused_sql;
-
+/// The pause switch, read through `ops_paused()` (migrations/0011_paused.sql), the one
+/// definition the worker's claim uses too.
 pub async fn is_paused(conn: &mut PgConnection) -> OpsResult<bool> {
-    Ok(sqlx::query_scalar(concat!("SELECT ", paused_sql!()))
+    Ok(sqlx::query_scalar("SELECT ops_paused()")
         .fetch_one(conn)
         .await?)
 }
