@@ -16,25 +16,22 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::domain::error::{OpsError, OpsResult};
 
-/// The one event insert, as SQL text: `insert_events!(kinds: "$4", rows: "<rows>")` is
-/// an `INSERT INTO ops_agent_events` of `<rows>`, a query (or `VALUES`) giving, in
+/// The one event insert, as SQL text: `insert_events!(kinds: ["$4"], rows: "<rows>")`
+/// is an `INSERT INTO ops_agent_events` of `<rows>`, a query (or `VALUES`) giving, in
 /// order, `kind, source, proposal_id, mission_id, step_id, payload` (NULL ids typed
 /// `::bigint`). Other owners put it in their set-based statements as a CTE, so a batch
 /// writes its events in the same statement, in `<rows>`' order (ids follow it).
-/// `kinds` lists the kinds the rows have (bound parameters, `$8, $9`): their
-/// `ops_processed_at` (a query) runs once per statement, not once per row. A row of
-/// another kind is still right, only slower.
+/// `kinds` are the kinds the rows have (bound parameters): `ops_processed_at` (a query)
+/// then runs once per statement and kind, only for kinds present, never per row. A row
+/// of another kind is still right, only slower.
 macro_rules! insert_events {
-    (kinds: $kinds:expr, rows: $rows:expr $(,)?) => {
+    (kinds: [$($kind:literal),+ $(,)?], rows: $rows:expr $(,)?) => {
         concat!(
             "INSERT INTO ops_agent_events (kind, source, proposal_id, mission_id, step_id, payload, processed_at)
-             WITH ev_kinds AS MATERIALIZED (
-                SELECT kind, ops_processed_at(kind) AS processed_at
-                FROM unnest(ARRAY[", $kinds, "]::text[]) AS kind)
              SELECT e.kind, e.source, e.proposal_id, e.mission_id, e.step_id, e.payload,
-                    CASE WHEN e.kind = ANY(ARRAY[", $kinds, "]::text[])
-                         THEN (SELECT k.processed_at FROM ev_kinds k WHERE k.kind = e.kind)
-                         ELSE ops_processed_at(e.kind) END
+                    CASE e.kind",
+            $(" WHEN ", $kind, "::text THEN (SELECT ops_processed_at(", $kind, "::text))",)+
+            " ELSE ops_processed_at(e.kind) END
              FROM (", $rows, ") AS e (kind, source, proposal_id, mission_id, step_id, payload)"
         )
     };
@@ -111,7 +108,7 @@ async fn append(
     // The insert trigger sends the NOTIFY (see the migration).
     let id: i64 = sqlx::query_scalar(concat!(
         insert_events!(
-            kinds: "$1",
+            kinds: ["$1"],
             rows: "VALUES ($1::text, $2::text, $3::bigint, $4::bigint, $5::bigint, $6::jsonb)",
         ),
         " RETURNING id"

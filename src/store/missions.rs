@@ -1,7 +1,7 @@
 //! Owner of `ops_missions`: every statement that changes a mission, one per transition.
 //!
 //! ```text
-//! create ─▶ running ──finalize_succeeded──▶ succeeded   (every step succeeded; idempotent)
+//! create ─▶ running ──finalize_succeeded──▶ succeeded   (every step succeeded)
 //!           running ──fail──▶ failed                      (a step out of attempts)
 //!           running ──cancel──▶ cancelled                 (a person; taken `lock` FOR UPDATE first)
 //! ```
@@ -86,23 +86,19 @@ pub async fn lock_stopped(conn: &mut PgConnection, step_ids: &[i64]) -> OpsResul
     .await?)
 }
 
-/// Mark succeeded those of these missions that are running and whose steps have all
-/// succeeded, each with its `mission.succeeded` event, in one statement. Idempotent.
-/// Returns how many it finalized.
+/// Mark these missions succeeded, each with its `mission.succeeded` event, in one
+/// statement; those no longer running are left as they are (idempotent). The caller
+/// has seen all their steps succeed (steps run in order: the last one did), and a
+/// succeeded step never changes again. Returns how many it finalized.
 pub async fn finalize_succeeded(conn: &mut PgConnection, mission_ids: &[i64]) -> OpsResult<u64> {
     let finished: i64 = sqlx::query_scalar(concat!(
-        // Rows are found by key (= ANY, a correlated probe per mission): NOT EXISTS
-        // would be planned as an anti-join, and from a few hundred ids on that hashes
-        // the whole steps table.
         "WITH finished AS (
             UPDATE ops_missions m SET status = 'succeeded', finished_at = now()
             WHERE m.id = ANY($1) AND m.status = 'running'
-              AND (SELECT count(*) FROM ops_mission_steps s
-                   WHERE s.mission_id = m.id AND s.status <> 'succeeded') = 0
             RETURNING m.id, m.template, m.proposal_id
          ), events AS (",
         insert_events!(
-            kinds: "$2",
+            kinds: ["$2"],
             rows: "SELECT $2::text, $3::text, proposal_id, id, NULL::bigint, jsonb_build_object('template', template)
              FROM finished ORDER BY id",
         ),

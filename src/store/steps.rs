@@ -75,7 +75,7 @@ pub async fn claim_ready(
             SELECT id FROM ops_mission_steps
             WHERE status = 'queued' AND run_after <= now()
               AND (SELECT m.status FROM ops_missions m WHERE m.id = ops_mission_steps.mission_id) = 'running'
-              AND NOT (SELECT ops_paused())
+              AND NOT (SELECT paused FROM ops_paused())
             ORDER BY run_after, id
             LIMIT $2
             FOR UPDATE SKIP LOCKED
@@ -88,7 +88,7 @@ pub async fn claim_ready(
             RETURNING s.id, s.mission_id, s.name, s.spec, s.attempts
          ), started AS (",
         insert_events!(
-            kinds: "$4",
+            kinds: ["$4"],
             rows: "SELECT $4::text, $5::text, NULL::bigint, c.mission_id, c.id,
                     jsonb_build_object('name', c.name, 'attempt', c.attempts, 'worker', $1::text)
              FROM claimed c",
@@ -238,7 +238,7 @@ pub async fn store_endings(
         ),
         "), events AS (",
         insert_events!(
-            kinds: "$8, $9",
+            kinds: ["$8", "$9"],
             rows: "SELECT CASE WHEN outcome = 'succeeded' THEN $8::text ELSE $9::text END,
                     $10::text, NULL::bigint, mission_id, id,
                     CASE WHEN outcome = 'succeeded' THEN jsonb_build_object('name', name, 'attempt', attempts)

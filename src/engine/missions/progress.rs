@@ -249,8 +249,8 @@ pub(crate) async fn fail_for_good(
     Ok(())
 }
 
-/// Mark succeeded those of these running missions whose steps all have (with their
-/// events). Idempotent; returns how many it finalized.
+/// Mark these missions succeeded (with their events); the caller has seen all their
+/// steps succeed. Idempotent; returns how many it finalized.
 pub async fn finalize(conn: &mut PgConnection, mission_ids: &[i64]) -> OpsResult<u64> {
     let finished = missions::finalize_succeeded(conn, mission_ids).await?;
     for _ in 0..finished {
