@@ -185,7 +185,7 @@ impl PolicyCache {
 /// The pause switch, read through `ops_paused()` (migrations/0011_paused.sql), the one
 /// definition the worker's claim uses too.
 pub async fn is_paused(conn: &mut PgConnection) -> OpsResult<bool> {
-    Ok(sqlx::query_scalar("SELECT ops_paused()")
+    Ok(sqlx::query_scalar("SELECT paused FROM ops_paused()")
         .fetch_one(conn)
         .await?)
 }
