@@ -856,95 +856,59 @@ async fn concurrent_approvals_never_run_more_than_max_running() {
     }
 }
 
-#[tokio::test]
-async fn daily_cap_is_checked_again_at_approval() {
+/// Two pending proposals of `template`; approving the first uses up its cap, so the
+/// second's approval is refused with `words`; once `shift` has moved the first mission
+/// back in time, the same approval goes through.
+async fn gate_is_checked_again_at_approval(template: &str, words: &str, shift: &str) {
     let db = test_db().await;
     let pol = gated_policy();
-    let first = proposals::propose(
-        &db.pool,
-        &pol,
-        request("once_a_day", &[("n", "1")], "cli:ann"),
-    )
-    .await
-    .expect("first");
-    let second = proposals::propose(
-        &db.pool,
-        &pol,
-        request("once_a_day", &[("n", "2")], "cli:ann"),
-    )
-    .await
-    .expect("second");
-    assert_eq!(second.status, ProposalStatus::Pending);
-    approvals::decide(
-        &db.pool,
-        &pol,
-        first.id,
-        "cli:bob",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await
-    .expect("first approved");
-    assert_approval_gated(&db, &pol, second.id, "daily_cap = 1").await;
-    // The next UTC day (the mission moved to yesterday) the same proposal is approved.
-    sqlx::query("UPDATE ops_missions SET created_at = created_at - interval '1 day'")
-        .execute(&db.pool)
+    let mut ids = Vec::new();
+    for n in ["1", "2"] {
+        let p = proposals::propose(&db.pool, &pol, request(template, &[("n", n)], "cli:ann"))
+            .await
+            .expect("propose");
+        assert_eq!(p.status, ProposalStatus::Pending);
+        ids.push(p.id);
+    }
+    let approve = |id| {
+        approvals::decide(
+            &db.pool,
+            &pol,
+            id,
+            "cli:bob",
+            Decision::Approve,
+            None,
+            "cli",
+        )
+    };
+    approve(ids[0]).await.expect("first approved");
+    assert_approval_gated(&db, &pol, ids[1], words).await;
+    sqlx::query(shift).execute(&db.pool).await.expect("shift");
+    let d = approve(ids[1])
         .await
-        .expect("yesterday");
-    let d = approvals::decide(
-        &db.pool,
-        &pol,
-        second.id,
-        "cli:bob",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await
-    .expect("approved the next day");
+        .expect("approved once the gate allows");
     assert!(d.mission_id.is_some());
 }
 
 #[tokio::test]
+async fn daily_cap_is_checked_again_at_approval() {
+    // The next UTC day (the mission moved to yesterday) the same proposal is approved.
+    gate_is_checked_again_at_approval(
+        "once_a_day",
+        "daily_cap = 1",
+        "UPDATE ops_missions SET created_at = created_at - interval '1 day'",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn cooldown_is_checked_again_at_approval() {
-    let db = test_db().await;
-    let pol = gated_policy();
-    let first = proposals::propose(&db.pool, &pol, request("hourly", &[("n", "1")], "cli:ann"))
-        .await
-        .expect("first");
-    let second = proposals::propose(&db.pool, &pol, request("hourly", &[("n", "2")], "cli:ann"))
-        .await
-        .expect("second");
-    assert_eq!(second.status, ProposalStatus::Pending);
-    approvals::decide(
-        &db.pool,
-        &pol,
-        first.id,
-        "cli:bob",
-        Decision::Approve,
-        None,
-        "cli",
+    gate_is_checked_again_at_approval(
+        "hourly",
+        "next one allowed in",
+        "UPDATE ops_missions SET created_at = created_at - interval '2 hours'",
     )
-    .await
-    .expect("first approved");
-    assert_approval_gated(&db, &pol, second.id, "next one allowed in").await;
-    sqlx::query("UPDATE ops_missions SET created_at = created_at - interval '2 hours'")
-        .execute(&db.pool)
-        .await
-        .expect("an hour later");
-    let d = approvals::decide(
-        &db.pool,
-        &pol,
-        second.id,
-        "cli:bob",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await
-    .expect("approved after the cooldown");
-    assert!(d.mission_id.is_some());
+    .await;
 }
 
 #[tokio::test]
