@@ -324,7 +324,20 @@ async fn events_follow_never_skips_an_event_that_commits_late() {
             let _ = tx.send(line);
         }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Wait until the follower is reading: emit markers until one is printed.
+    let ready = Instant::now() + Duration::from_secs(30);
+    'ready: loop {
+        assert!(Instant::now() < ready, "`events --follow` printed nothing");
+        emit(&db, "ready.marker", serde_json::json!({})).await;
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(50))
+                && line.contains("ready.marker")
+            {
+                break 'ready;
+            }
+        }
+    }
     // `late` takes the lower id first but commits after `early` is visible.
     let mut late = db.pool.begin().await.expect("begin");
     let late_id: i64 = sqlx::query_scalar(
@@ -338,11 +351,14 @@ async fn events_follow_never_skips_an_event_that_commits_late() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     late.commit().await.expect("commit");
     let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while seen.len() < 2 && Instant::now() < deadline {
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
             let e: serde_json::Value = serde_json::from_str(&line).expect("json line");
-            seen.push(e["kind"].as_str().unwrap_or("").to_string());
+            let kind = e["kind"].as_str().unwrap_or("").to_string();
+            if kind != "ready.marker" {
+                seen.push(kind);
+            }
         }
     }
     let _ = child.kill();
