@@ -14,6 +14,17 @@ async fn count(db: &TestDb, sql: &str) -> i64 {
         .expect(sql)
 }
 
+/// `who` decides proposal `id` from the CLI, with no reason.
+async fn decide(
+    db: &TestDb,
+    pol: &opsloop::domain::policy::Policy,
+    id: i64,
+    who: &str,
+    decision: Decision,
+) -> Result<approvals::Decided, OpsError> {
+    approvals::decide(&db.pool, pol, id, who, decision, None, "cli").await
+}
+
 async fn events_of(db: &TestDb, proposal: i64) -> Vec<String> {
     sqlx::query_scalar("SELECT kind FROM ops_agent_events WHERE proposal_id = $1 ORDER BY id")
         .bind(proposal)
@@ -80,17 +91,9 @@ async fn high_risk_waits_for_one_approval() {
     assert_eq!(p.mission_id, None);
     assert_eq!(count(&db, "SELECT count(*) FROM ops_missions").await, 0);
 
-    let d = approvals::decide(
-        &db.pool,
-        &policy(),
-        p.id,
-        "cli:bob",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await
-    .expect("approve");
+    let d = decide(&db, &policy(), p.id, "cli:bob", Decision::Approve)
+        .await
+        .expect("approve");
     assert_eq!(d.status, ProposalStatus::Approved);
     let mission = d.mission_id.expect("mission");
     let statuses: Vec<String> = sqlx::query_scalar(
@@ -120,32 +123,15 @@ async fn red_needs_two_distinct_approvers_and_refuses_the_proposer() {
     assert_eq!(p.status, ProposalStatus::Pending);
     assert_eq!(p.approvals_needed, 2);
 
-    let own = approvals::decide(
-        &db.pool,
-        &policy(),
-        p.id,
-        "cli:ann",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await;
+    let own = decide(&db, &policy(), p.id, "cli:ann", Decision::Approve).await;
     assert!(
         matches!(own, Err(OpsError::Refused(ref m)) if m.contains("proposed by you")),
         "{own:?}"
     );
 
-    let first = approvals::decide(
-        &db.pool,
-        &policy(),
-        p.id,
-        "cli:bob",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await
-    .expect("bob");
+    let first = decide(&db, &policy(), p.id, "cli:bob", Decision::Approve)
+        .await
+        .expect("bob");
     assert_eq!(
         (first.status, first.approvals),
         (ProposalStatus::Pending, 1)
@@ -153,34 +139,18 @@ async fn red_needs_two_distinct_approvers_and_refuses_the_proposer() {
     assert_eq!(first.mission_id, None);
 
     // The same person again: counted once.
-    let again = approvals::decide(
-        &db.pool,
-        &policy(),
-        p.id,
-        "cli:bob",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await
-    .expect("bob again");
+    let again = decide(&db, &policy(), p.id, "cli:bob", Decision::Approve)
+        .await
+        .expect("bob again");
     assert_eq!(
         (again.status, again.approvals, again.counted),
         (ProposalStatus::Pending, 1, false)
     );
     assert_eq!(count(&db, "SELECT count(*) FROM ops_missions").await, 0);
 
-    let second = approvals::decide(
-        &db.pool,
-        &policy(),
-        p.id,
-        "cli:carol",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await
-    .expect("carol");
+    let second = decide(&db, &policy(), p.id, "cli:carol", Decision::Approve)
+        .await
+        .expect("carol");
     assert_eq!(
         (second.status, second.approvals),
         (ProposalStatus::Approved, 2)
@@ -218,16 +188,7 @@ async fn reject_decides_and_later_decisions_are_refused_with_who_decided() {
     .expect("reject");
     assert_eq!(r.status, ProposalStatus::Rejected);
     assert_eq!(count(&db, "SELECT count(*) FROM ops_missions").await, 0);
-    let late = approvals::decide(
-        &db.pool,
-        &policy(),
-        p.id,
-        "cli:carol",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await;
+    let late = decide(&db, &policy(), p.id, "cli:carol", Decision::Approve).await;
     match late {
         Err(OpsError::Refused(m)) => assert!(
             m.contains("already rejected") && m.contains("cli:bob"),
@@ -258,16 +219,7 @@ async fn expired_proposals_cannot_be_approved() {
     .execute(&db.pool)
     .await
     .expect("age it");
-    let late = approvals::decide(
-        &db.pool,
-        &policy(),
-        p.id,
-        "cli:bob",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await;
+    let late = decide(&db, &policy(), p.id, "cli:bob", Decision::Approve).await;
     assert!(
         matches!(late, Err(OpsError::Refused(ref m)) if m.contains("expired")),
         "{late:?}"
@@ -342,17 +294,9 @@ async fn dedupe_refuses_with_the_existing_id_while_pending_or_running() {
     .expect("other");
     assert_eq!(other.status, ProposalStatus::Pending);
     // Once approved, its running mission still blocks duplicates.
-    approvals::decide(
-        &db.pool,
-        &policy(),
-        first.id,
-        "cli:bob",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await
-    .expect("approve");
+    decide(&db, &policy(), first.id, "cli:bob", Decision::Approve)
+        .await
+        .expect("approve");
     let dup = assert_refused(
         &db,
         request("deploy", &[("tag", "v1.0.0")], "cli:bob"),
@@ -507,17 +451,9 @@ async fn concurrent_last_approvals_create_exactly_one_mission() {
         )
         .await
         .expect("propose");
-        approvals::decide(
-            &db.pool,
-            &policy(),
-            p.id,
-            "cli:first",
-            Decision::Approve,
-            None,
-            "cli",
-        )
-        .await
-        .expect("first");
+        decide(&db, &policy(), p.id, "cli:first", Decision::Approve)
+            .await
+            .expect("first");
         // The last needed approver taps on two devices, and a third person at the same moment.
         let taps = ["cli:second", "cli:second", "cli:third"].map(|who| {
             let pool = db.pool.clone();
@@ -630,28 +566,12 @@ async fn every_state_change_has_its_event() {
     )
     .await
     .expect("rej");
-    approvals::decide(
-        &db.pool,
-        &policy(),
-        high.id,
-        "cli:bob",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await
-    .expect("approve");
-    approvals::decide(
-        &db.pool,
-        &policy(),
-        rej.id,
-        "cli:bob",
-        Decision::Reject,
-        None,
-        "cli",
-    )
-    .await
-    .expect("reject");
+    decide(&db, &policy(), high.id, "cli:bob", Decision::Approve)
+        .await
+        .expect("approve");
+    decide(&db, &policy(), rej.id, "cli:bob", Decision::Reject)
+        .await
+        .expect("reject");
     opsloop::engine::missions::cancel(&db.pool, low.mission_id.expect("m"), "cli:ann", "cli")
         .await
         .expect("cancel");
@@ -830,17 +750,9 @@ async fn concurrent_approvals_never_run_more_than_max_running() {
         .execute(&db.pool)
         .await
         .expect("finish");
-        let later = approvals::decide(
-            &db.pool,
-            &pol,
-            waiting[0],
-            "cli:bob",
-            Decision::Approve,
-            None,
-            "cli",
-        )
-        .await
-        .expect("approved later");
+        let later = decide(&db, &pol, waiting[0], "cli:bob", Decision::Approve)
+            .await
+            .expect("approved later");
         assert!(later.mission_id.is_some());
         sqlx::query(
             "UPDATE ops_missions SET status = 'succeeded' WHERE template = 'one_at_a_time'",
@@ -849,7 +761,7 @@ async fn concurrent_approvals_never_run_more_than_max_running() {
         .await
         .expect("finish");
         for &id in &waiting[1..] {
-            approvals::decide(&db.pool, &pol, id, "cli:bob", Decision::Reject, None, "cli")
+            decide(&db, &pol, id, "cli:bob", Decision::Reject)
                 .await
                 .expect("reject the rest");
         }
@@ -870,17 +782,7 @@ async fn gate_is_checked_again_at_approval(template: &str, words: &str, shift: &
         assert_eq!(p.status, ProposalStatus::Pending);
         ids.push(p.id);
     }
-    let approve = |id| {
-        approvals::decide(
-            &db.pool,
-            &pol,
-            id,
-            "cli:bob",
-            Decision::Approve,
-            None,
-            "cli",
-        )
-    };
+    let approve = |id| decide(&db, &pol, id, "cli:bob", Decision::Approve);
     approve(ids[0]).await.expect("first approved");
     assert_approval_gated(&db, &pol, ids[1], words).await;
     sqlx::query(shift).execute(&db.pool).await.expect("shift");
@@ -939,17 +841,9 @@ async fn a_template_paused_after_its_proposal_is_refused_at_approval() {
     .await
     .expect("resume");
     drop(conn);
-    let d = approvals::decide(
-        &db.pool,
-        &pol,
-        p.id,
-        "cli:bob",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await
-    .expect("approved after resume");
+    let d = decide(&db, &pol, p.id, "cli:bob", Decision::Approve)
+        .await
+        .expect("approved after resume");
     assert!(d.mission_id.is_some());
 }
 
@@ -964,32 +858,15 @@ async fn the_second_red_approval_is_gated_and_the_first_is_kept() {
     )
     .await
     .expect("propose");
-    approvals::decide(
-        &db.pool,
-        &pol,
-        p.id,
-        "cli:bob",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await
-    .expect("bob");
+    decide(&db, &pol, p.id, "cli:bob", Decision::Approve)
+        .await
+        .expect("bob");
     let mut conn = db.pool.acquire().await.expect("conn");
     opsloop::engine::gates::pause_template(&mut conn, "wipe", 3)
         .await
         .expect("pause template");
     drop(conn);
-    let carol = approvals::decide(
-        &db.pool,
-        &pol,
-        p.id,
-        "cli:carol",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await;
+    let carol = decide(&db, &pol, p.id, "cli:carol", Decision::Approve).await;
     assert!(
         matches!(carol, Err(OpsError::Refused(ref m)) if m.contains("template_paused")),
         "{carol:?}"
@@ -1015,17 +892,17 @@ async fn one_person_in_any_spelling_is_one_approver_and_never_their_own() {
         "alice ",
         "\u{ff41}\u{ff4c}\u{ff49}\u{ff43}\u{ff45}",
     ] {
-        let own = approvals::decide(&db.pool, &pol, p.id, me, Decision::Approve, None, "cli").await;
+        let own = decide(&db, &pol, p.id, me, Decision::Approve).await;
         assert!(
             matches!(own, Err(OpsError::Refused(ref m)) if m.contains("proposed by you")),
             "{me:?}: {own:?}"
         );
     }
-    let bob = approvals::decide(&db.pool, &pol, p.id, "Bob", Decision::Approve, None, "cli")
+    let bob = decide(&db, &pol, p.id, "Bob", Decision::Approve)
         .await
         .expect("bob");
     assert!(bob.counted);
-    let again = approvals::decide(&db.pool, &pol, p.id, " BOB", Decision::Approve, None, "cli")
+    let again = decide(&db, &pol, p.id, " BOB", Decision::Approve)
         .await
         .expect("bob again");
     assert!(
@@ -1036,17 +913,9 @@ async fn one_person_in_any_spelling_is_one_approver_and_never_their_own() {
         (again.approvals, again.status),
         (1, ProposalStatus::Pending)
     );
-    let carol = approvals::decide(
-        &db.pool,
-        &pol,
-        p.id,
-        "carol",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await
-    .expect("carol");
+    let carol = decide(&db, &pol, p.id, "carol", Decision::Approve)
+        .await
+        .expect("carol");
     assert_eq!(carol.status, ProposalStatus::Approved);
     // Stored normalized: the unique index is one row per person.
     assert_eq!(approvals_of(&db, p.id).await, ["bob", "carol"]);
@@ -1071,24 +940,16 @@ async fn rows_stored_before_normalization_still_compare_as_people() {
     .execute(&db.pool)
     .await
     .expect("old approval");
-    let own = approvals::decide(&db.pool, &pol, p.id, "ann", Decision::Approve, None, "cli").await;
+    let own = decide(&db, &pol, p.id, "ann", Decision::Approve).await;
     assert!(matches!(own, Err(OpsError::Refused(_))), "{own:?}");
-    let bob = approvals::decide(&db.pool, &pol, p.id, "bob", Decision::Approve, None, "cli")
+    let bob = decide(&db, &pol, p.id, "bob", Decision::Approve)
         .await
         .expect("bob");
     assert!(!bob.counted);
     assert_eq!((bob.approvals, bob.status), (1, ProposalStatus::Pending));
-    let carol = approvals::decide(
-        &db.pool,
-        &pol,
-        p.id,
-        "carol",
-        Decision::Approve,
-        None,
-        "cli",
-    )
-    .await
-    .expect("carol");
+    let carol = decide(&db, &pol, p.id, "carol", Decision::Approve)
+        .await
+        .expect("carol");
     assert_eq!(carol.status, ProposalStatus::Approved);
 }
 

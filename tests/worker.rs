@@ -4,9 +4,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use opsloop::engine::heartbeat;
+use opsloop::domain::vocab::Source;
 use opsloop::engine::missions::progress::{self, Ending, Lease};
 use opsloop::engine::worker::Worker;
+use opsloop::engine::{gates, heartbeat};
 use opsloop::store::policy::PolicyCache;
 use opsloop::store::steps;
 use support::{TestDb, test_db};
@@ -661,28 +662,18 @@ async fn paused_steps_wait_and_run_after_resume() {
         .expect("mission");
     let mut conn = db.pool.acquire().await.expect("conn");
     assert!(
-        opsloop::engine::gates::set_paused(
-            &mut conn,
-            true,
-            opsloop::domain::vocab::Source::Cli,
-            "test"
-        )
-        .await
-        .expect("pause")
+        gates::set_paused(&mut conn, true, Source::Cli, "test")
+            .await
+            .expect("pause")
     );
     let claimed = steps::claim_ready(&db.pool, "test-worker", 10, Duration::from_secs(60))
         .await
         .expect("claim");
     assert!(claimed.is_empty(), "{claimed:?}");
     assert!(
-        opsloop::engine::gates::set_paused(
-            &mut conn,
-            false,
-            opsloop::domain::vocab::Source::Cli,
-            "test"
-        )
-        .await
-        .expect("resume")
+        gates::set_paused(&mut conn, false, Source::Cli, "test")
+            .await
+            .expect("resume")
     );
     assert_eq!(claim_one(&db).await.mission_id, mission);
 }
