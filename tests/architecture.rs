@@ -21,6 +21,7 @@ const OWNERS: &[(&str, &str)] = &[
     ("ops_workers", "src/store/workers.rs"),
     ("ops_trigger_state", "src/store/triggers.rs"),
     ("ops_notifications", "src/store/outbox.rs"),
+    ("ops_questions", "src/store/questions.rs"),
 ];
 
 /// Files allowed to write other tables, and why.

@@ -25,6 +25,8 @@ fn ctx() -> StepContext {
         ]),
         cancel: CancellationToken::new(),
         default_timeout: None,
+        ask: None,
+        progress: None,
     }
 }
 
@@ -87,7 +89,7 @@ async fn read_pid(path: &std::path::Path) -> i32 {
 async fn noop_sleep_emit() {
     let c = ctx();
     assert!(
-        matches!(exec(&StepSpec::Noop, &c).await, Outcome::Succeeded { result } if result == json!({}))
+        matches!(exec(&StepSpec::Noop, &c).await, Outcome::Succeeded { result, .. } if result == json!({}))
     );
     let t = Instant::now();
     let out = exec(&StepSpec::Sleep { for_ms: 100 }, &c).await;
@@ -96,7 +98,7 @@ async fn noop_sleep_emit() {
         event: "deploy.done".into(),
         payload: json!({"tag": "v1"}),
     };
-    let Outcome::Succeeded { result } = exec(&emit, &c).await else {
+    let Outcome::Succeeded { result, .. } = exec(&emit, &c).await else {
         panic!("emit failed")
     };
     assert_eq!(
@@ -129,7 +131,7 @@ async fn shell_success_sees_env_and_cwd() {
         env: BTreeMap::from([("EXTRA".to_string(), "x y".to_string())]),
         timeout_ms: Some(10_000),
     };
-    let Outcome::Succeeded { result } = exec(&spec, &ctx()).await else {
+    let Outcome::Succeeded { result, .. } = exec(&spec, &ctx()).await else {
         panic!("shell failed")
     };
     let pwd = std::fs::canonicalize(&dir).unwrap();
@@ -182,7 +184,7 @@ async fn shell_missing_program() {
 #[tokio::test]
 async fn shell_arguments_are_literal() {
     let spec = shell(&["printf", "%s", "a; rm -rf / $(id) `id` > x"], None);
-    let Outcome::Succeeded { result } = exec(&spec, &ctx()).await else {
+    let Outcome::Succeeded { result, .. } = exec(&spec, &ctx()).await else {
         panic!("printf failed")
     };
     assert_eq!(result["stdout"], "a; rm -rf / $(id) `id` > x");
@@ -260,7 +262,7 @@ async fn shell_leftover_holding_the_pipe_is_killed_after_exit() {
     let script = format!("sleep 60 & echo $! > {}; echo done", pidfile.display());
     let t = Instant::now();
     let out = exec(&shell(&["sh", "-c", &script], None), &ctx()).await;
-    let Outcome::Succeeded { result } = out else {
+    let Outcome::Succeeded { result, .. } = out else {
         panic!("expected success: {out:?}")
     };
     assert_eq!(result["stdout"], "done\n");
@@ -312,7 +314,7 @@ async fn shell_cancel_is_honoured_while_leftovers_hold_the_pipes() {
 async fn shell_runs_in_a_private_directory_removed_afterwards() {
     let daemon_dir = std::env::current_dir().unwrap();
     let spec = shell(&["sh", "-c", "pwd; touch left-behind; ls -ld ."], None);
-    let Outcome::Succeeded { result } = exec(&spec, &ctx()).await else {
+    let Outcome::Succeeded { result, .. } = exec(&spec, &ctx()).await else {
         panic!("shell failed")
     };
     let stdout = result["stdout"].as_str().unwrap();
@@ -334,7 +336,7 @@ async fn shell_huge_output_keeps_the_tail() {
     let script = "head -c 5000000 /dev/zero | tr '\\000' a; printf END; \
                   head -c 3000000 /dev/zero | tr '\\000' b >&2; printf é>&2";
     let out = exec(&shell(&["sh", "-c", script], Some(30_000)), &ctx()).await;
-    let Outcome::Succeeded { result } = out else {
+    let Outcome::Succeeded { result, .. } = out else {
         panic!("expected success: {out:?}")
     };
     let stdout = result["stdout"].as_str().unwrap();
@@ -403,7 +405,7 @@ fn http(method: &str, url: String) -> StepSpec {
 #[tokio::test]
 async fn http_success_and_big_body() {
     let base = server().await;
-    let Outcome::Succeeded { result } = exec(&http("get", format!("{base}/ok")), &ctx()).await
+    let Outcome::Succeeded { result, .. } = exec(&http("get", format!("{base}/ok")), &ctx()).await
     else {
         panic!("GET /ok failed")
     };
@@ -411,7 +413,7 @@ async fn http_success_and_big_body() {
     assert_eq!(result["body"], "hello");
     assert!(result["duration_ms"].is_u64());
 
-    let Outcome::Succeeded { result } = exec(&http("GET", format!("{base}/big")), &ctx()).await
+    let Outcome::Succeeded { result, .. } = exec(&http("GET", format!("{base}/big")), &ctx()).await
     else {
         panic!("GET /big failed")
     };
@@ -435,7 +437,7 @@ async fn http_success_and_big_body() {
         expect: vec![200],
         timeout_ms: None,
     };
-    let Outcome::Succeeded { result } = exec(&raw, &ctx()).await else {
+    let Outcome::Succeeded { result, .. } = exec(&raw, &ctx()).await else {
         panic!("POST /raw failed")
     };
     assert_eq!(result["body"], "raw:plain text");
@@ -453,7 +455,7 @@ async fn http_json_body_is_echoed() {
         expect: vec![200, 201],
         timeout_ms: None,
     };
-    let Outcome::Succeeded { result } = exec(&spec, &ctx()).await else {
+    let Outcome::Succeeded { result, .. } = exec(&spec, &ctx()).await else {
         panic!("POST /echo failed")
     };
     let echoed: Value = serde_json::from_str(result["body"].as_str().unwrap()).unwrap();

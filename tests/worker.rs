@@ -611,6 +611,7 @@ async fn an_attempt_ending_after_the_cancel_ends_the_step_cancelled() {
     let work = claim_one(&db).await;
     let done = Ending::Succeeded {
         result: serde_json::json!({}),
+        output: serde_json::json!({}),
     };
     assert!(report(&db, &work, done).await);
     let tell = claim_one(&db).await;
@@ -619,6 +620,7 @@ async fn an_attempt_ending_after_the_cancel_ends_the_step_cancelled() {
         .expect("cancel");
     let emitted = Ending::Succeeded {
         result: serde_json::json!({ "event": "work.done", "payload": { "file": "/tmp/x" } }),
+        output: serde_json::json!({}),
     };
     assert!(report(&db, &tell, emitted).await);
     assert_eq!(step_row(&db, tell.id).await, ("cancelled".into(), 1));

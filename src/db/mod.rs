@@ -27,6 +27,8 @@ pub mod channels {
     pub const CANCEL: &str = "ops_cancel";
     /// New outbox rows (payload unused).
     pub const OUTBOX: &str = "ops_outbox";
+    /// A question was answered, expired or cancelled (payload: its id, or empty for several).
+    pub const QUESTIONS: &str = "ops_questions";
 }
 
 /// NOTIFY `channel` in the caller's transaction: listeners hear it on commit.

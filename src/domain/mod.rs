@@ -4,6 +4,7 @@
 pub mod config;
 pub mod error;
 pub mod input;
+pub mod outputs;
 pub mod policy;
 pub mod steps;
 pub mod vocab;

@@ -10,6 +10,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::outputs::{self, Outputs, REF_PREFIX};
+use super::vocab::Audience;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StepKind {
@@ -18,6 +21,7 @@ pub enum StepKind {
     Sleep,
     Noop,
     Emit,
+    Ask,
 }
 
 impl StepKind {
@@ -28,6 +32,7 @@ impl StepKind {
             StepKind::Sleep => "sleep",
             StepKind::Noop => "noop",
             StepKind::Emit => "emit",
+            StepKind::Ask => "ask",
         }
     }
 
@@ -38,6 +43,7 @@ impl StepKind {
             "sleep" => StepKind::Sleep,
             "noop" => StepKind::Noop,
             "emit" => StepKind::Emit,
+            "ask" => StepKind::Ask,
             _ => return None,
         })
     }
@@ -87,6 +93,28 @@ pub enum StepSpec {
         #[serde(default)]
         payload: Value,
     },
+    /// A question to people; the step is `asking` until it is answered.
+    Ask {
+        question: String,
+        /// The allowed answers; empty means free text (`pattern`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        choices: Vec<String>,
+        /// Free text must match it, whole.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pattern: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        help: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        default: Option<String>,
+        #[serde(default = "approvers")]
+        to: Audience,
+    },
+}
+
+fn approvers() -> Audience {
+    Audience::Approvers
 }
 
 impl StepSpec {
@@ -97,6 +125,7 @@ impl StepSpec {
             StepSpec::Sleep { .. } => StepKind::Sleep,
             StepSpec::Noop => StepKind::Noop,
             StepSpec::Emit { .. } => StepKind::Emit,
+            StepSpec::Ask { .. } => StepKind::Ask,
         }
     }
 
@@ -104,32 +133,113 @@ impl StepSpec {
     /// were matched against the template's patterns before this is called, and each
     /// lands inside one string (one argv element, one header), never split or
     /// re-parsed. `{{` and `}}` are literal braces.
+    ///
+    /// A spec that refers to earlier steps' outputs (`{steps.NAME.KEY}`) is finished
+    /// when its step is claimed (`resolve`), so here it keeps its references and its
+    /// escapes, and the param values put in are escaped: a value is never read again
+    /// as a reference.
     pub fn substitute(&self, params: &BTreeMap<String, String>) -> StepSpec {
-        let mut value = match serde_json::to_value(self) {
-            Ok(v) => v,
-            Err(_) => return self.clone(),
-        };
-        substitute_value(&mut value, params);
-        serde_json::from_value(value).unwrap_or_else(|_| self.clone())
+        let keep = !self.references().is_empty();
+        self.map_strings(|s| {
+            substitute_with(s, keep, |name| {
+                if keep {
+                    params.get(name).map(|v| v.replace('{', "{{").replace('}', "}}"))
+                } else {
+                    params.get(name).cloned()
+                }
+            })
+        })
     }
 
-    /// Every `{name}` this spec refers to, for validation against declared params.
+    /// Put earlier steps' outputs into a spec `substitute` kept references in (at
+    /// claim time). The error names the first reference that has no value.
+    pub fn resolve(&self, outputs: &Outputs) -> Result<StepSpec, String> {
+        let missing = std::cell::RefCell::new(None);
+        let spec = self.map_strings(|s| {
+            substitute_str(s, |name| {
+                if !name.starts_with(REF_PREFIX) {
+                    return None;
+                }
+                match outputs::lookup(name, outputs) {
+                    Ok(v) => Some(outputs::as_text(&v)),
+                    Err(e) => {
+                        missing.borrow_mut().get_or_insert(e);
+                        None
+                    }
+                }
+            })
+        });
+        match missing.into_inner() {
+            Some(e) => Err(e),
+            None => Ok(spec),
+        }
+    }
+
+    /// The spec as a person should read it before it runs: escapes undone, references
+    /// shown as written.
+    pub fn display(&self) -> StepSpec {
+        if self.references().is_empty() {
+            return self.clone();
+        }
+        self.map_strings(|s| substitute_str(s, |_| None))
+    }
+
+    /// Every `{steps.NAME.KEY}` this spec refers to (the placeholder's inside).
+    pub fn references(&self) -> Vec<String> {
+        let mut all = Vec::new();
+        if let Ok(value) = serde_json::to_value(self.without_pattern().0) {
+            collect_placeholders(&value, &mut all);
+        }
+        all.retain(|p| p.starts_with(REF_PREFIX));
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// Every `{name}` param this spec refers to, for validation against declared params.
     pub fn placeholders(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if let Ok(value) = serde_json::to_value(self) {
+        if let Ok(value) = serde_json::to_value(self.without_pattern().0) {
             collect_placeholders(&value, &mut out);
         }
+        out.retain(|p| !p.starts_with(REF_PREFIX));
         out.sort();
         out.dedup();
         out
     }
+
+    /// Apply `f` to the strings a spec's placeholders may be in: all of them but an
+    /// `ask` step's pattern, a regex whose braces are its own.
+    fn map_strings(&self, f: impl Fn(&str) -> String) -> StepSpec {
+        let (spec, pattern) = self.without_pattern();
+        let mut value = match serde_json::to_value(&spec) {
+            Ok(v) => v,
+            Err(_) => return self.clone(),
+        };
+        map_value(&mut value, &f);
+        let mut mapped: StepSpec = serde_json::from_value(value).unwrap_or(spec);
+        if let StepSpec::Ask { pattern: p, .. } = &mut mapped {
+            *p = pattern;
+        }
+        mapped
+    }
+
+    fn without_pattern(&self) -> (StepSpec, Option<String>) {
+        let mut spec = self.clone();
+        let pattern = match &mut spec {
+            StepSpec::Ask { pattern, .. } => pattern.take(),
+            _ => None,
+        };
+        (spec, pattern)
+    }
 }
 
-fn substitute_value(value: &mut Value, params: &BTreeMap<String, String>) {
+/// Apply `f` to every string value (not to keys).
+fn map_value(value: &mut Value, f: &impl Fn(&str) -> String) {
     match value {
-        Value::String(s) => *s = substitute_str(s, |name| params.get(name).cloned()),
-        Value::Array(items) => items.iter_mut().for_each(|v| substitute_value(v, params)),
-        Value::Object(map) => map.values_mut().for_each(|v| substitute_value(v, params)),
+        Value::String(s) => *s = f(s),
+        Value::Array(items) => items.iter_mut().for_each(|v| map_value(v, f)),
+        Value::Object(map) => map.values_mut().for_each(|v| map_value(v, f)),
         _ => {}
     }
 }
@@ -147,13 +257,23 @@ fn collect_placeholders(value: &Value, out: &mut Vec<String>) {
 /// as written. `{{`/`}}` are literal braces. Shared by steps (params) and reactions
 /// (event payload paths).
 pub fn substitute_str(template: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
+    substitute_with(template, false, lookup)
+}
+
+/// `substitute_str`, or with `keep_escapes` a pass that leaves `{{`/`}}` as they are (a
+/// later pass reads them).
+fn substitute_with(
+    template: &str,
+    keep_escapes: bool,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> String {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(i) = rest.find(['{', '}']) {
         out.push_str(&rest[..i]);
         let tail = &rest[i..];
         if tail.starts_with("{{") || tail.starts_with("}}") {
-            out.push_str(&tail[..1]);
+            out.push_str(if keep_escapes { &tail[..2] } else { &tail[..1] });
             rest = &tail[2..];
         } else if tail.starts_with('{') {
             match tail.find('}') {

@@ -195,6 +195,15 @@ impl StepStatus {
     }
 }
 
+vocabulary! {
+    QuestionStatus { Open = "open", Answered = "answered", Expired = "expired", Cancelled = "cancelled" }
+}
+
+vocabulary! {
+    /// Who a question is put to (`to` in a policy's `ask` step, the API's `to`).
+    Audience { Proposer = "proposer", Approvers = "approvers", Operators = "operators" }
+}
+
 impl From<EventKind> for std::borrow::Cow<'static, str> {
     fn from(kind: EventKind) -> Self {
         std::borrow::Cow::Borrowed(kind.as_str())

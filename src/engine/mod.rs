@@ -8,6 +8,7 @@ pub mod heartbeat;
 pub mod missions;
 pub mod notify;
 pub mod proposals;
+pub mod questions;
 pub mod reactions;
 pub mod retention;
 pub mod status;

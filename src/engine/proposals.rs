@@ -195,12 +195,13 @@ fn plan(
     params: &BTreeMap<String, String>,
 ) -> Vec<PlannedStep> {
     template
-        .steps
-        .iter()
+        .render_steps(params)
+        .into_iter()
         .map(|step| PlannedStep {
-            name: step.name.clone(),
-            spec: step.spec.substitute(params),
+            name: step.name,
+            spec: step.spec,
             max_attempts: step.max_attempts.unwrap_or(policy.worker.max_attempts) as i32,
+            when: step.when,
         })
         .collect()
 }

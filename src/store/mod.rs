@@ -12,6 +12,7 @@ pub mod missions;
 pub mod outbox;
 pub mod policy;
 pub mod proposals;
+pub mod questions;
 pub mod reactions;
 pub mod runs;
 pub mod steps;

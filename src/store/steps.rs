@@ -6,7 +6,10 @@
 //! running ──store_endings──▶ succeeded | cancelled | failed | queued (a retry, after its backoff)
 //! running ──release──▶ queued          (shutdown: the interrupted attempt does not count)
 //! running ──recover_expired──▶ queued | failed | cancelled   (the lease ran out: the heartbeat)
-//! waiting, queued ──cancel_remaining──▶ cancelled   (the mission failed or was cancelled)
+//! running ──store_endings──▶ skipped (its `when` did not hold) | asking (an ask step)
+//! asking ──answer_asking──▶ succeeded | ──fail_asking──▶ failed   (its question expired)
+//! waiting, queued, asking ──cancel_remaining──▶ cancelled   (the mission failed or was cancelled)
+//! running: record_progress keeps the latest `::progress` line (fenced like the rest)
 //! ```
 //!
 //! Every change of a running step is fenced on (id, lease owner, attempt), so a worker
@@ -32,19 +35,21 @@ pub async fn create(
     kinds: &[&str],
     specs: &[Value],
     max_attempts: &[i32],
+    conditions: &[Option<Value>],
 ) -> OpsResult<()> {
     sqlx::query(
-        "INSERT INTO ops_mission_steps (mission_id, seq, name, kind, spec, max_attempts, status)
-         SELECT $1, s.seq, s.name, s.kind, s.spec, s.max_attempts,
+        "INSERT INTO ops_mission_steps (mission_id, seq, name, kind, spec, max_attempts, condition, status)
+         SELECT $1, s.seq, s.name, s.kind, s.spec, s.max_attempts, s.condition,
                 CASE WHEN s.seq = 1 THEN 'queued' ELSE 'waiting' END
-         FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int[])
-              WITH ORDINALITY AS s(name, kind, spec, max_attempts, seq)",
+         FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int[], $6::jsonb[])
+              WITH ORDINALITY AS s(name, kind, spec, max_attempts, condition, seq)",
     )
     .bind(mission_id)
     .bind(names)
     .bind(kinds)
     .bind(specs)
     .bind(max_attempts)
+    .bind(conditions)
     .execute(conn)
     .await?;
     Ok(())
@@ -59,6 +64,11 @@ pub struct Claimed {
     pub spec: Value,
     pub attempts: i32,
     pub params: Value,
+    /// Its `when`, if it has one.
+    pub condition: Option<Value>,
+    /// The outputs of the mission's earlier succeeded steps by name, when the step
+    /// refers to them (a reference or a condition); else None.
+    pub outputs: Option<Value>,
 }
 
 /// Claim up to `limit` ready steps (oldest first) unless paused, starting a new
@@ -85,7 +95,7 @@ pub async fn claim_ready(
                 lease_expires_at = now() + $3, started_at = now(), finished_at = NULL
             -- = ANY(ARRAY(..)): look the rows up by key; a join here seq-scans the table.
             WHERE s.id = ANY(ARRAY(SELECT id FROM ready))
-            RETURNING s.id, s.mission_id, s.name, s.spec, s.attempts
+            RETURNING s.id, s.mission_id, s.seq, s.name, s.spec, s.attempts, s.condition
          ), started AS (",
         insert_events!(
             kinds: ["$4"],
@@ -94,7 +104,13 @@ pub async fn claim_ready(
              FROM claimed c",
         ),
         ")
-         SELECT c.id, c.mission_id, c.name, c.spec, c.attempts, x.params
+         SELECT c.id, c.mission_id, c.name, c.spec, c.attempts, x.params, c.condition,
+                -- earlier outputs, read only for a step that uses them
+                CASE WHEN c.condition IS NOT NULL OR strpos(c.spec::text, '{steps.') > 0 THEN
+                    (SELECT coalesce(jsonb_object_agg(p.name, p.output), '{}'::jsonb)
+                     FROM ops_mission_steps p
+                     WHERE p.mission_id = c.mission_id AND p.seq < c.seq
+                       AND p.status = 'succeeded' AND p.output IS NOT NULL) END AS outputs
          FROM claimed c
          CROSS JOIN LATERAL (
             SELECT p.params FROM ops_missions m JOIN ops_mission_proposals p ON p.id = m.proposal_id
@@ -163,11 +179,16 @@ pub struct EndingRow<'a> {
     pub step_id: i64,
     pub owner: &'a str,
     pub attempt: i32,
-    /// `Succeeded`, `Cancelled` or `Failed` (then queued again while attempts are left).
+    /// `Succeeded`, `Skipped` (its condition did not hold), `Asking` (an ask step's
+    /// question is out), `Cancelled` or `Failed` (then queued again while attempts are
+    /// left, unless `permanent`).
     pub outcome: StepStatus,
     pub result: &'a Value,
+    pub output: Option<&'a Value>,
     pub error: Option<&'a str>,
     pub retry_in: Duration,
+    /// A failure no retry can mend (a reference with no value): fails for good now.
+    pub permanent: bool,
 }
 
 /// A stored attempt, as the fenced update returned it.
@@ -179,14 +200,20 @@ pub struct Stored {
     pub attempts: i32,
     pub max_attempts: i32,
     pub outcome: StepStatus,
-    /// After a success: the mission's next step (none: it was the last).
+    pub permanent: bool,
+    /// After a success or a skip: the mission's next step (none: it was the last).
     pub next_id: Option<i64>,
 }
 
 impl Stored {
-    /// A failure with no attempt left: the step failed for good.
+    /// A failure with no attempt left (or none that could help): failed for good.
     pub fn out_of_attempts(&self) -> bool {
-        self.outcome == StepStatus::Failed && self.attempts >= self.max_attempts
+        self.outcome == StepStatus::Failed && (self.permanent || self.attempts >= self.max_attempts)
+    }
+
+    /// The step is done and the mission goes on to its next step.
+    pub fn moves_on(&self) -> bool {
+        matches!(self.outcome, StepStatus::Succeeded | StepStatus::Skipped)
     }
 }
 
@@ -204,52 +231,60 @@ pub async fn store_endings(
     let attempts: Vec<i32> = rows.iter().map(|r| r.attempt).collect();
     let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome.as_str()).collect();
     let results: Vec<&Value> = rows.iter().map(|r| r.result).collect();
+    let outputs: Vec<Option<&Value>> = rows.iter().map(|r| r.output).collect();
     let errors: Vec<Option<&str>> = rows.iter().map(|r| r.error).collect();
     let retry_ms: Vec<i64> = rows
         .iter()
         .map(|r| i64::try_from(r.retry_in.as_millis()).unwrap_or(i64::MAX))
         .collect();
+    let permanent: Vec<bool> = rows.iter().map(|r| r.permanent).collect();
     Ok(sqlx::query_as(concat!(
         "WITH input AS (
-            SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::jsonb[], $6::text[], $7::bigint[])
-              AS i(id, owner, attempt, outcome, result, error, retry_ms)
+            SELECT i.*, i.outcome = 'failed' AND NOT i.permanent AS may_retry
+            FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::jsonb[], $6::text[], $7::bigint[],
+                        $11::jsonb[], $12::bool[])
+              AS i(id, owner, attempt, outcome, result, error, retry_ms, output, permanent)
          ), stored AS (
             UPDATE ops_mission_steps s SET
-                status = CASE WHEN i.outcome = 'failed' AND s.attempts < s.max_attempts THEN 'queued' ELSE i.outcome END,
-                run_after = CASE WHEN i.outcome = 'failed' AND s.attempts < s.max_attempts
+                status = CASE WHEN i.may_retry AND s.attempts < s.max_attempts THEN 'queued' ELSE i.outcome END,
+                run_after = CASE WHEN i.may_retry AND s.attempts < s.max_attempts
                                  THEN now() + i.retry_ms * interval '1 millisecond' ELSE s.run_after END,
-                finished_at = CASE WHEN i.outcome = 'failed' AND s.attempts < s.max_attempts THEN NULL ELSE now() END,
-                result = i.result, error = i.error, lease_owner = NULL, lease_expires_at = NULL
+                finished_at = CASE WHEN (i.may_retry AND s.attempts < s.max_attempts) OR i.outcome = 'asking'
+                                   THEN NULL ELSE now() END,
+                -- a skipped step never ran: its claim was no attempt
+                attempts = CASE WHEN i.outcome = 'skipped' THEN greatest(s.attempts - 1, 0) ELSE s.attempts END,
+                result = i.result, output = i.output, error = i.error, lease_owner = NULL, lease_expires_at = NULL
             FROM input i
             -- s.id = ANY($1) offers the planner the key; with lagging statistics it may
             -- still walk the lease index, whose rows are only the running steps.
             WHERE s.id = ANY($1) AND s.id = i.id AND s.lease_owner = i.owner AND s.attempts = i.attempt AND s.status = 'running'
             RETURNING s.id, s.mission_id, s.seq, s.name, s.attempts, s.max_attempts, s.started_at,
-                      i.outcome, i.error, i.retry_ms, i.owner,
-                      -- a correlated probe by key (mission, seq), only after a success
-                      CASE WHEN i.outcome = 'succeeded' THEN
+                      i.outcome, i.error, i.retry_ms, i.owner, i.permanent,
+                      i.may_retry AND s.attempts < s.max_attempts AS retrying,
+                      -- a correlated probe by key (mission, seq), only when the mission moves on
+                      CASE WHEN i.outcome IN ('succeeded', 'skipped') THEN
                           (SELECT n.id FROM ops_mission_steps n
                            WHERE n.mission_id = s.mission_id AND n.seq = s.seq + 1) END AS next_id
          ), runs AS (",
         insert_runs!(
             "SELECT 'step', id, attempts, owner, outcome, jsonb_build_object('error', error),
                     coalesce(started_at, now()), now()
-             FROM stored"
+             FROM stored WHERE outcome NOT IN ('skipped', 'asking')"
         ),
         "), events AS (",
         insert_events!(
-            kinds: ["$8", "$9"],
-            rows: "SELECT CASE WHEN outcome = 'succeeded' THEN $8::text ELSE $9::text END,
+            kinds: ["$8", "$9", "$13"],
+            rows: "SELECT CASE outcome WHEN 'succeeded' THEN $8::text WHEN 'skipped' THEN $13::text ELSE $9::text END,
                     $10::text, NULL::bigint, mission_id, id,
-                    CASE WHEN outcome = 'succeeded' THEN jsonb_build_object('name', name, 'attempt', attempts)
+                    CASE WHEN outcome IN ('succeeded', 'skipped') THEN jsonb_build_object('name', name, 'attempt', attempts)
                          ELSE jsonb_build_object('name', name, 'attempt', attempts, 'max_attempts', max_attempts,
                                                  'error', error, 'retry_in_ms', retry_ms) END
              FROM stored
-             WHERE outcome = 'succeeded' OR (outcome = 'failed' AND attempts < max_attempts)
+             WHERE outcome IN ('succeeded', 'skipped') OR retrying
              ORDER BY id",
         ),
         ")
-         SELECT id, mission_id, name, attempts, max_attempts, outcome, next_id FROM stored"
+         SELECT id, mission_id, name, attempts, max_attempts, outcome, permanent, next_id FROM stored"
     ))
     .bind(&ids)
     .bind(&owners)
@@ -261,6 +296,9 @@ pub async fn store_endings(
     .bind(EventKind::StepSucceeded.as_str())
     .bind(EventKind::StepRetrying.as_str())
     .bind(Source::Worker.as_str())
+    .bind(&outputs)
+    .bind(&permanent)
+    .bind(EventKind::StepSkipped.as_str())
     .fetch_all(conn)
     .await?)
 }
@@ -281,11 +319,12 @@ pub async fn queue_next(conn: &mut PgConnection, step_ids: &[i64]) -> OpsResult<
     Ok(())
 }
 
-/// Cancel a mission's steps that have not started (waiting, queued).
+/// Cancel a mission's steps that have not started (waiting, queued) or wait for an
+/// answer (asking).
 pub async fn cancel_remaining(conn: &mut PgConnection, mission_id: i64) -> OpsResult<u64> {
     Ok(sqlx::query(
         "UPDATE ops_mission_steps SET status = 'cancelled', finished_at = now()
-         WHERE mission_id = $1 AND status IN ('waiting', 'queued')",
+         WHERE mission_id = $1 AND status IN ('waiting', 'queued', 'asking')",
     )
     .bind(mission_id)
     .execute(conn)
@@ -340,6 +379,120 @@ pub async fn recover_expired(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// asking → succeeded: an ask step's question was answered; `output` is the answer.
+/// Returns the step's mission and its next step, or None when it was not asking (a
+/// cancel came first).
+pub async fn answer_asking(
+    conn: &mut PgConnection,
+    step_id: i64,
+    output: &Value,
+) -> OpsResult<Option<AnsweredStep>> {
+    Ok(sqlx::query_as(concat!(
+        "WITH answered AS (
+            UPDATE ops_mission_steps s SET status = 'succeeded', output = $2, finished_at = now()
+            WHERE s.id = $1 AND s.status = 'asking'
+            RETURNING s.id, s.mission_id, s.seq, s.name, s.attempts,
+                (SELECT n.id FROM ops_mission_steps n WHERE n.mission_id = s.mission_id AND n.seq = s.seq + 1) AS next_id
+         ), events AS (",
+        insert_events!(
+            kinds: ["$3"],
+            rows: "SELECT $3::text, $4::text, NULL::bigint, mission_id, id,
+                    jsonb_build_object('name', name, 'attempt', attempts) FROM answered",
+        ),
+        ")
+         SELECT id, mission_id, name, attempts, next_id FROM answered"
+    ))
+    .bind(step_id)
+    .bind(output)
+    .bind(EventKind::StepSucceeded.as_str())
+    .bind(Source::Worker.as_str())
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// An ask step whose question was answered.
+#[derive(Debug, sqlx::FromRow)]
+pub struct AnsweredStep {
+    pub id: i64,
+    pub mission_id: i64,
+    pub name: String,
+    pub attempts: i32,
+    pub next_id: Option<i64>,
+}
+
+/// asking → failed: the question expired with no default. Returns the step's mission,
+/// name and attempts when it was asking.
+pub async fn fail_asking(
+    conn: &mut PgConnection,
+    step_id: i64,
+    error: &str,
+) -> OpsResult<Option<(i64, String, i32)>> {
+    Ok(sqlx::query_as(
+        "UPDATE ops_mission_steps SET status = 'failed', error = $2, finished_at = now()
+         WHERE id = $1 AND status = 'asking'
+         RETURNING mission_id, name, attempts",
+    )
+    .bind(step_id)
+    .bind(error)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Keep a running step's latest `::progress` line, with its `step.progress` event,
+/// while `owner` holds that attempt's lease. False when it no longer does.
+pub async fn record_progress(
+    pool: &PgPool,
+    step_id: i64,
+    owner: &str,
+    attempt: i32,
+    progress: &Value,
+) -> OpsResult<bool> {
+    let recorded: Option<i64> = sqlx::query_scalar(concat!(
+        "WITH recorded AS (
+            UPDATE ops_mission_steps SET progress = $4
+            WHERE id = $1 AND lease_owner = $2 AND attempts = $3 AND status = 'running'
+            RETURNING id, mission_id, name, attempts
+         ), events AS (",
+        insert_events!(
+            kinds: ["$5"],
+            rows: "SELECT $5::text, $6::text, NULL::bigint, mission_id, id,
+                    jsonb_build_object('name', name, 'attempt', attempts) || $4 FROM recorded",
+        ),
+        ")
+         SELECT id FROM recorded"
+    ))
+    .bind(step_id)
+    .bind(owner)
+    .bind(attempt)
+    .bind(progress)
+    .bind(EventKind::StepProgress.as_str())
+    .bind(Source::Worker.as_str())
+    .fetch_optional(pool)
+    .await?;
+    Ok(recorded.is_some())
+}
+
+/// Whether `owner` still runs this attempt of the step; the row is held `FOR KEY SHARE`
+/// until the caller's transaction ends.
+pub async fn lock_running(
+    conn: &mut PgConnection,
+    step_id: i64,
+    owner: &str,
+    attempt: i32,
+) -> OpsResult<bool> {
+    let held: Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM ops_mission_steps
+         WHERE id = $1 AND lease_owner = $2 AND attempts = $3 AND status = 'running'
+         FOR KEY SHARE",
+    )
+    .bind(step_id)
+    .bind(owner)
+    .bind(attempt)
+    .fetch_optional(conn)
+    .await?;
+    Ok(held.is_some())
 }
 
 /// Wake the workers (delivered on commit): steps became ready.

@@ -565,12 +565,19 @@ pub struct ParamSpec {
     pub default: Option<String>,
 }
 
+/// Compile a pattern that must match a whole value (params, answers to questions).
+pub fn anchored_regex(source: &str) -> Result<regex::Regex, String> {
+    templates::compile_anchored(source)
+}
+
 #[derive(Debug, Clone)]
 pub struct StepTemplate {
     pub name: String,
     pub spec: StepSpec,
     /// Overrides `worker.max_attempts` for this step.
     pub max_attempts: Option<u32>,
+    /// `when`: the step runs only if this holds over earlier outputs, else it is skipped.
+    pub when: Option<crate::domain::outputs::Condition>,
 }
 
 #[derive(Debug, Clone)]

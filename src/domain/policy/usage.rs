@@ -139,6 +139,7 @@ impl Template {
                 name: s.name.clone(),
                 spec: s.spec.substitute(params),
                 max_attempts: s.max_attempts,
+                when: s.when.clone(),
             })
             .collect()
     }

@@ -86,7 +86,8 @@ pub(super) async fn run(client: &Client, req: Request<'_>, ctx: &StepContext) ->
                 req.expect.contains(&status)
             };
             if ok {
-                Outcome::Succeeded { result }
+                let output = json!({ "status": status, "body": body_value(&body.text()) });
+                Outcome::Succeeded { result, output }
             } else {
                 Outcome::Failed {
                     error: format!("HTTP {status} (expected {})", expected(req.expect)),
@@ -94,6 +95,14 @@ pub(super) async fn run(client: &Client, req: Request<'_>, ctx: &StepContext) ->
                 }
             }
         }
+    }
+}
+
+/// A response body as an output: its JSON when it is JSON (and storable), else its text.
+fn body_value(text: &str) -> Value {
+    match serde_json::from_str::<Value>(text) {
+        Ok(v) if crate::domain::input::storable_json(&v, "body").is_ok() => v,
+        _ => Value::String(text.to_string()),
     }
 }
 

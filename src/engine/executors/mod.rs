@@ -9,11 +9,15 @@ mod http;
 mod shell;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::outputs::Progress;
 use crate::domain::steps::StepSpec;
 
 /// How much of each output stream (stdout, stderr, an HTTP body) a result keeps.
@@ -34,13 +38,43 @@ pub struct StepContext {
     pub cancel: CancellationToken,
     /// Used when the spec has no timeout of its own.
     pub default_timeout: Option<Duration>,
+    /// `opsloop ask` for this attempt (shell steps run by a worker).
+    pub ask: Option<AskAccess>,
+    /// Where a shell step's latest `::progress` line goes; the worker writes it down.
+    pub progress: Option<Arc<watch::Sender<Option<Progress>>>>,
+}
+
+/// Environment of a shell step: the file its output goes in.
+pub const ENV_OUTPUT: &str = "OPSLOOP_OUTPUT";
+/// Environment of a shell step: where `opsloop ask` reaches the worker, and the secret
+/// that says it is this attempt asking.
+pub const ENV_ASK_SOCKET: &str = "OPSLOOP_ASK_SOCKET";
+pub const ENV_ASK_TOKEN: &str = "OPSLOOP_ASK_TOKEN";
+
+/// How one attempt may ask people a question: the worker's socket and a secret given
+/// to this attempt alone.
+#[derive(Clone)]
+pub struct AskAccess {
+    pub socket: PathBuf,
+    pub token: String,
+}
+
+impl std::fmt::Debug for AskAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AskAccess")
+            .field("socket", &self.socket)
+            .field("token", &"[redacted]")
+            .finish()
+    }
 }
 
 /// What one attempt came to. `result` is what `ops_mission_steps.result` stores.
 #[derive(Debug)]
 pub enum Outcome {
+    /// `output` is the step's output object (docs/policy.md, "Outputs").
     Succeeded {
         result: Value,
+        output: Value,
     },
     /// `error` is one line, e.g. "exit status 3", "timed out after 10s".
     Failed {
@@ -63,7 +97,7 @@ impl Outcome {
 
     pub fn result(&self) -> &Value {
         match self {
-            Outcome::Succeeded { result }
+            Outcome::Succeeded { result, .. }
             | Outcome::Failed { result, .. }
             | Outcome::Cancelled { result } => result,
         }
@@ -108,10 +142,16 @@ impl Executors {
             return Outcome::Cancelled { result: json!({}) };
         }
         match spec {
-            StepSpec::Noop => Outcome::Succeeded { result: json!({}) },
+            StepSpec::Noop => Outcome::Succeeded {
+                result: json!({}),
+                output: json!({}),
+            },
             StepSpec::Emit { event, payload } => Outcome::Succeeded {
                 result: json!({ "event": event, "payload": payload }),
+                output: json!({}),
             },
+            // Asked by the worker itself (the step becomes `asking`), never executed.
+            StepSpec::Ask { .. } => Outcome::failed("an ask step is not executed"),
             StepSpec::Sleep { for_ms } => {
                 let started = tokio::time::Instant::now();
                 tokio::select! {
@@ -121,6 +161,7 @@ impl Executors {
                     },
                     _ = tokio::time::sleep(Duration::from_millis(*for_ms)) => Outcome::Succeeded {
                         result: json!({ "slept_ms": for_ms }),
+                        output: json!({}),
                     },
                 }
             }

@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{Outcome, StepContext, Tail, human_duration, millis, param_env_name};
+use crate::domain::outputs::{MAX_OUTPUT, Progress, parse_output};
 
 /// The only variables of the daemon's environment a step inherits (plus every `LC_*`):
 /// what programs need to find each other and speak the locale, nothing that configures
@@ -59,19 +60,25 @@ pub(super) async fn run(
     }
     // Held until the function returns (or its future is dropped): the private
     // directory is removed after the step's process group is gone.
-    let workdir = match cwd {
-        Some(_) => None,
-        None => match WorkDir::create(ctx) {
-            Ok(dir) => Some(dir),
-            Err(e) => {
-                return Outcome::failed(format!(
-                    "cannot start {program}: cannot create its working directory in {}: {}",
-                    std::env::temp_dir().display(),
-                    io_reason(&e)
-                ));
-            }
-        },
+    // Private to this attempt: the output file's home, and the working directory
+    // unless the spec names one.
+    let workdir = match WorkDir::create(ctx) {
+        Ok(dir) => dir,
+        Err(e) => {
+            return Outcome::failed(format!(
+                "cannot start {program}: cannot create its working directory in {}: {}",
+                std::env::temp_dir().display(),
+                io_reason(&e)
+            ));
+        }
     };
+    let output_file = workdir.path.join("output");
+    if let Err(e) = std::fs::File::create(&output_file) {
+        return Outcome::failed(format!(
+            "cannot start {program}: cannot create its output file: {}",
+            io_reason(&e)
+        ));
+    }
 
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -80,19 +87,19 @@ pub(super) async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    if let Some(dir) = cwd
-        .map(Path::new)
-        .or(workdir.as_ref().map(|w| w.path.as_path()))
-    {
-        cmd.current_dir(dir);
-    }
+    cmd.current_dir(cwd.map(Path::new).unwrap_or(workdir.path.as_path()));
     cmd.env_clear().envs(inherited_env()).envs(env);
     for (name, value) in &ctx.params {
         cmd.env(param_env_name(name), value);
     }
     cmd.env("OPSLOOP_MISSION_ID", ctx.mission_id.to_string())
         .env("OPSLOOP_STEP_ID", ctx.step_id.to_string())
-        .env("OPSLOOP_ATTEMPT", ctx.attempt.to_string());
+        .env("OPSLOOP_ATTEMPT", ctx.attempt.to_string())
+        .env(super::ENV_OUTPUT, &output_file);
+    if let Some(ask) = &ctx.ask {
+        cmd.env(super::ENV_ASK_SOCKET, &ask.socket)
+            .env(super::ENV_ASK_TOKEN, &ask.token);
+    }
 
     let started = Instant::now();
     let mut child = match cmd.spawn() {
@@ -109,8 +116,8 @@ pub(super) async fn run(
     };
     tracing::debug!(program = %program, pid, step_id = ctx.step_id, "shell step started");
 
-    let mut stdout = Reader::spawn(child.stdout.take());
-    let mut stderr = Reader::spawn(child.stderr.take());
+    let mut stdout = Reader::spawn(child.stdout.take(), ctx.progress.clone());
+    let mut stderr = Reader::spawn(child.stderr.take(), None);
 
     let deadline = async {
         match timeout {
@@ -157,9 +164,11 @@ pub(super) async fn run(
     group.armed = false;
     both_done(&mut stdout, &mut stderr, KILL_GRACE).await;
     let (out, err) = (stdout.finish(), stderr.finish());
-    if let Some(dir) = workdir {
-        dir.remove().await;
-    }
+    let output = match (&end, &status) {
+        (End::Exited, Ok(s)) if s.code() == Some(0) => Some(read_output(&output_file).await),
+        _ => None,
+    };
+    workdir.remove().await;
 
     let (exit_code, signal) = match &status {
         Ok(s) => (s.code(), s.signal()),
@@ -195,12 +204,39 @@ pub(super) async fn run(
                 error: format!("cannot wait for {program}: {}", io_reason(&e)),
                 result,
             },
-            (Ok(_), Some(0), _) => Outcome::Succeeded { result },
+            (Ok(_), Some(0), _) => match output {
+                Some(Ok(output)) => Outcome::Succeeded { result, output },
+                Some(Err(why)) => failed(why, result),
+                None => failed("no output read".into(), result),
+            },
             (Ok(_), Some(code), _) => failed(format!("exit status {code}"), result),
             (Ok(_), None, Some(sig)) => failed(format!("killed by signal {sig}"), result),
             (Ok(s), None, None) => failed(format!("ended with {s}"), result),
         },
     }
+}
+
+/// The step's output file after a successful exit (docs/policy.md, "Outputs"); at most
+/// one byte past the limit is read, so a huge file costs nothing.
+async fn read_output(path: &Path) -> Result<Value, String> {
+    let file = tokio::fs::File::open(path).await.map_err(|e| {
+        format!(
+            "cannot read the output file ${}: {}",
+            super::ENV_OUTPUT,
+            io_reason(&e)
+        )
+    })?;
+    let mut bytes = Vec::new();
+    file.take(MAX_OUTPUT as u64 + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| format!("cannot read the output file: {}", io_reason(&e)))?;
+    if bytes.len() > MAX_OUTPUT {
+        return Err(format!(
+            "the output file holds more than {MAX_OUTPUT} bytes (64 KiB), the most an output may"
+        ));
+    }
+    parse_output(&bytes).map(Value::Object)
 }
 
 fn failed(error: String, result: Value) -> Outcome {
@@ -319,16 +355,26 @@ struct Reader {
 }
 
 impl Reader {
-    fn spawn<R: AsyncRead + Unpin + Send + 'static>(pipe: Option<R>) -> Reader {
+    /// With `progress`, `::progress` lines are picked out of the stream as it passes.
+    fn spawn<R: AsyncRead + Unpin + Send + 'static>(
+        pipe: Option<R>,
+        progress: Option<ProgressSink>,
+    ) -> Reader {
         let tail = Arc::new(Mutex::new(Tail::new()));
         let task = pipe.map(|mut pipe| {
             let tail = Arc::clone(&tail);
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
+                let mut lines = progress.map(Lines::new);
                 loop {
                     match pipe.read(&mut buf).await {
                         Ok(0) | Err(_) => break,
-                        Ok(n) => lock(&tail).push(&buf[..n]),
+                        Ok(n) => {
+                            lock(&tail).push(&buf[..n]);
+                            if let Some(lines) = lines.as_mut() {
+                                lines.feed(&buf[..n]);
+                            }
+                        }
                     }
                 }
             })
@@ -360,6 +406,59 @@ impl Drop for Reader {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
+        }
+    }
+}
+
+type ProgressSink = Arc<tokio::sync::watch::Sender<Option<Progress>>>;
+
+/// Splits a stream into lines for `::progress`, keeping at most one short line
+/// buffered: a line too long to be progress is skipped to its end.
+struct Lines {
+    sink: ProgressSink,
+    line: Vec<u8>,
+    skipping: bool,
+}
+
+/// A progress line is short; anything longer is ordinary output.
+const MAX_PROGRESS_LINE: usize = 1024;
+
+impl Lines {
+    fn new(sink: ProgressSink) -> Lines {
+        Lines {
+            sink,
+            line: Vec::new(),
+            skipping: false,
+        }
+    }
+
+    fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            let end = chunk.iter().position(|b| *b == b'\n');
+            let (part, rest) = match end {
+                Some(i) => (&chunk[..i], &chunk[i + 1..]),
+                None => (chunk, &[][..]),
+            };
+            if !self.skipping {
+                if self.line.len() + part.len() > MAX_PROGRESS_LINE {
+                    self.skipping = true;
+                    self.line.clear();
+                } else {
+                    self.line.extend_from_slice(part);
+                }
+            }
+            if end.is_some() {
+                if !self.skipping {
+                    let line = String::from_utf8_lossy(&self.line);
+                    if let Some(p) = Progress::parse(line.trim_end_matches('\r')) {
+                        // Only the latest matters: the worker writes it down at its pace.
+                        self.sink.send_replace(Some(p));
+                    }
+                }
+                self.line.clear();
+                self.skipping = false;
+            }
+            chunk = rest;
         }
     }
 }

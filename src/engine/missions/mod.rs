@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 
 use crate::domain::error::{OpsError, OpsResult};
+use crate::domain::outputs::Condition;
 use crate::domain::steps::StepSpec;
 use crate::domain::vocab::EventKind;
 pub use crate::domain::vocab::{MissionStatus, StepStatus};
@@ -24,6 +25,9 @@ pub struct PlannedStep {
     pub name: String,
     pub spec: StepSpec,
     pub max_attempts: i32,
+    /// Plans stored before conditions existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<Condition>,
 }
 
 /// Create the mission of an approved proposal with its steps: the first `queued`, the
@@ -40,7 +44,20 @@ pub async fn create(
     let kinds: Vec<&str> = plan.iter().map(|s| s.spec.kind().as_str()).collect();
     let specs: Vec<Value> = plan.iter().map(|s| json!(s.spec)).collect();
     let attempts: Vec<i32> = plan.iter().map(|s| s.max_attempts).collect();
-    store::steps::create(conn, mission_id, &names, &kinds, &specs, &attempts).await?;
+    let conditions: Vec<Option<Value>> = plan
+        .iter()
+        .map(|s| s.when.as_ref().map(|w| json!(w)))
+        .collect();
+    store::steps::create(
+        conn,
+        mission_id,
+        &names,
+        &kinds,
+        &specs,
+        &attempts,
+        &conditions,
+    )
+    .await?;
     events::emit(
         conn,
         NewEvent::new(EventKind::MissionStarted, source.to_string())
@@ -71,6 +88,8 @@ pub async fn cancel(pool: &PgPool, mission_id: i64, actor: &str, source: &str) -
         .await?
         .ok_or_else(already)?;
     store::steps::cancel_remaining(&mut tx, mission_id).await?;
+    let cause = source.parse().unwrap_or(crate::domain::vocab::Source::Cli);
+    crate::engine::questions::cancel_of_mission(&mut tx, mission_id, cause).await?;
     events::emit(
         &mut tx,
         NewEvent::new(EventKind::MissionCancelled, source.to_string())
@@ -110,6 +129,8 @@ pub struct StepView {
     pub finished_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
     pub result: Option<Value>,
+    pub output: Option<Value>,
+    pub progress: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -122,7 +143,7 @@ pub struct MissionView {
 
 const SUMMARY: &str = "SELECT m.id, m.proposal_id, m.template, m.status, m.error, m.created_at, m.finished_at,
             (SELECT count(*) FROM ops_mission_steps s WHERE s.mission_id = m.id) AS steps_total,
-            (SELECT count(*) FROM ops_mission_steps s WHERE s.mission_id = m.id AND s.status = 'succeeded') AS steps_done
+            (SELECT count(*) FROM ops_mission_steps s WHERE s.mission_id = m.id AND s.status IN ('succeeded', 'skipped')) AS steps_done
      FROM ops_missions m";
 
 /// The newest missions, newest first; optionally only those with `status`.
@@ -152,7 +173,8 @@ pub async fn get(pool: &PgPool, id: i64) -> OpsResult<MissionView> {
             .fetch_one(pool)
             .await?;
     let steps = sqlx::query_as(
-        "SELECT id, seq, name, kind, status, attempts, max_attempts, started_at, finished_at, error, result
+        "SELECT id, seq, name, kind, status, attempts, max_attempts, started_at, finished_at, error, result,
+                output, progress
          FROM ops_mission_steps WHERE mission_id = $1 ORDER BY seq",
     )
     .bind(id)

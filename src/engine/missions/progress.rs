@@ -12,6 +12,7 @@ use sqlx::PgConnection;
 use crate::domain::error::OpsResult;
 use crate::domain::vocab::{EventKind, MissionStatus, Source, StepStatus};
 use crate::engine::gates;
+use crate::engine::questions::{self, NewQuestion};
 use crate::engine::telemetry;
 use crate::store::events::{self, NewEvent};
 use crate::store::steps::{EndingRow, Stored};
@@ -30,14 +31,25 @@ pub struct Lease {
 pub enum Ending {
     Succeeded {
         result: Value,
+        output: Value,
     },
     Failed {
         error: String,
         result: Value,
         retry_in: Duration,
     },
+    /// A failure no retry can mend (a reference with no value): the step fails now.
+    FailedForGood {
+        error: String,
+    },
     Cancelled {
         result: Value,
+    },
+    /// Its `when` did not hold: the step is skipped and the mission goes on.
+    Skipped,
+    /// An ask step: its question goes out and the step waits, holding nothing.
+    Asking {
+        question: NewQuestion,
     },
 }
 
@@ -68,45 +80,63 @@ pub async fn finish_batch(
     pause_after_failures: u32,
 ) -> OpsResult<Vec<bool>> {
     let stopped = stopped_missions(conn, items).await?;
+    let empty = json!({});
     let rows: Vec<EndingRow> = items
         .iter()
         .map(|(lease, ending)| {
-            let (outcome, result, error, retry_in) = match ending {
-                // The mission was cancelled: this attempt's failure (or event) ends the
-                // step cancelled, never a retry or a dead letter.
-                Ending::Failed { result, .. } | Ending::Succeeded { result }
-                    if stopped.contains(&lease.step_id) =>
-                {
-                    (
-                        StepStatus::Cancelled,
-                        result,
-                        Some("cancelled"),
-                        Duration::ZERO,
-                    )
-                }
-                Ending::Succeeded { result } => {
-                    (StepStatus::Succeeded, result, None, Duration::ZERO)
-                }
-                Ending::Cancelled { result } => (
-                    StepStatus::Cancelled,
-                    result,
-                    Some("cancelled"),
-                    Duration::ZERO,
-                ),
-                Ending::Failed {
-                    error,
-                    result,
-                    retry_in,
-                } => (StepStatus::Failed, result, Some(error.as_str()), *retry_in),
-            };
-            EndingRow {
+            let row = |outcome, result, error, retry_in, output, permanent| EndingRow {
                 step_id: lease.step_id,
                 owner: &lease.owner,
                 attempt: lease.attempt,
                 outcome,
                 result,
+                output,
                 error,
                 retry_in,
+                permanent,
+            };
+            let cancelled = StepStatus::Cancelled;
+            match ending {
+                // The mission was cancelled: this attempt's failure (or event, or
+                // question) ends the step cancelled, never a retry or a dead letter.
+                Ending::Failed { result, .. } | Ending::Succeeded { result, .. }
+                    if stopped.contains(&lease.step_id) =>
+                {
+                    row(cancelled, result, Some("cancelled"), Duration::ZERO, None, false)
+                }
+                Ending::FailedForGood { .. } | Ending::Asking { .. } | Ending::Skipped
+                    if stopped.contains(&lease.step_id) =>
+                {
+                    row(cancelled, &empty, Some("cancelled"), Duration::ZERO, None, false)
+                }
+                Ending::Succeeded { result, output } => row(
+                    StepStatus::Succeeded,
+                    result,
+                    None,
+                    Duration::ZERO,
+                    Some(output),
+                    false,
+                ),
+                Ending::Cancelled { result } => {
+                    row(cancelled, result, Some("cancelled"), Duration::ZERO, None, false)
+                }
+                Ending::Failed {
+                    error,
+                    result,
+                    retry_in,
+                } => row(StepStatus::Failed, result, Some(error.as_str()), *retry_in, None, false),
+                Ending::FailedForGood { error } => row(
+                    StepStatus::Failed,
+                    &empty,
+                    Some(error.as_str()),
+                    Duration::ZERO,
+                    None,
+                    true,
+                ),
+                Ending::Skipped => row(StepStatus::Skipped, &empty, None, Duration::ZERO, None, false),
+                Ending::Asking { .. } => {
+                    row(StepStatus::Asking, &empty, None, Duration::ZERO, None, false)
+                }
             }
         })
         .collect();
@@ -121,13 +151,11 @@ pub async fn finish_batch(
     );
     telemetry::step_outcome("failed", tally(Stored::out_of_attempts));
 
-    let succeeded: Vec<&Stored> = stored
-        .iter()
-        .filter(|s| s.outcome == StepStatus::Succeeded)
-        .collect();
+    telemetry::step_outcome("skipped", tally(|s| s.outcome == StepStatus::Skipped));
+    let succeeded: Vec<&Stored> = stored.iter().filter(|s| s.moves_on()).collect();
     // An `emit` step's event belongs to its step, so it comes before `mission.succeeded`.
     for s in &succeeded {
-        if let Some((_, Ending::Succeeded { result })) =
+        if let Some((_, Ending::Succeeded { result, .. })) =
             items.iter().find(|(lease, _)| lease.step_id == s.id)
             && let Some((event, payload)) = emitted_event(result)
         {
@@ -151,8 +179,15 @@ pub async fn finish_batch(
     if !done.is_empty() {
         finalize(conn, &done).await?;
     }
+    for s in stored.iter().filter(|s| s.outcome == StepStatus::Asking) {
+        if let Some((_, Ending::Asking { question })) =
+            items.iter().find(|(lease, _)| lease.step_id == s.id)
+        {
+            questions::ask(conn, question).await?;
+        }
+    }
     for s in stored.iter().filter(|s| s.out_of_attempts()) {
-        if let Some((_, Ending::Failed { error, .. })) =
+        if let Some((_, Ending::Failed { error, .. } | Ending::FailedForGood { error })) =
             items.iter().find(|(lease, _)| lease.step_id == s.id)
         {
             fail_for_good(
@@ -184,8 +219,11 @@ async fn stopped_missions(
     let checked: Vec<i64> = items
         .iter()
         .filter(|(_, ending)| match ending {
-            Ending::Failed { .. } => true,
-            Ending::Succeeded { result } => emitted_event(result).is_some(),
+            Ending::Failed { .. }
+            | Ending::FailedForGood { .. }
+            | Ending::Asking { .. }
+            | Ending::Skipped => true,
+            Ending::Succeeded { result, .. } => emitted_event(result).is_some(),
             Ending::Cancelled { .. } => false,
         })
         .map(|(lease, _)| lease.step_id)

@@ -4,7 +4,10 @@
 //! polls as a fallback. A worker that has gone one lease without renewing (the database
 //! out of reach) kills its steps: by then the heartbeat may have given them to another.
 
+mod asks;
 mod completer;
+
+pub use asks::{Reply as AskReply, Request as AskRequest};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,9 +22,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
+use serde_json::json;
+use tokio::sync::watch;
+
 use crate::db::channels;
+use crate::domain::outputs::{Condition, Outputs, Progress};
 use crate::domain::policy::Policy;
 use crate::domain::steps::StepSpec;
+use crate::engine::questions::NewQuestion;
+use asks::AskServer;
 use crate::engine::executors::{self, Executors, Outcome, StepContext};
 use crate::engine::missions::progress::{Ending, Lease};
 use crate::engine::telemetry;
@@ -64,6 +73,8 @@ pub struct Worker {
     concurrency: usize,
     /// Execution slots; steps held beyond them wait here, leased.
     slots: Arc<Semaphore>,
+    /// Serves `opsloop ask` to the shell steps this worker runs (None: could not start).
+    asks: Option<AskServer>,
 }
 
 /// How long recent steps took (an exponential moving average).
@@ -102,13 +113,23 @@ impl Worker {
             executors: Executors::new(),
             concurrency: concurrency.max(1),
             slots: Arc::new(Semaphore::new(concurrency.max(1))),
+            asks: None,
         }
     }
 
     /// Run until `shutdown`, then let running steps finish within `grace` and give the
     /// rest back to the queue.
-    pub async fn run(self, shutdown: CancellationToken, grace: Duration) -> anyhow::Result<()> {
+    pub async fn run(
+        mut self,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) -> anyhow::Result<()> {
         workers::register(&self.pool, &self.id, &hostname(), self.concurrency).await?;
+        let pause_after_failures = self.policy.get().await.gates.pause_after_failures;
+        match AskServer::start(self.pool.clone(), self.id.clone(), pause_after_failures) {
+            Ok(server) => self.asks = Some(server),
+            Err(e) => warn!(error = %e, "cannot serve `opsloop ask`; steps that ask will fail"),
+        }
         info!(worker = %self.id, concurrency = self.concurrency, "worker started");
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener
@@ -300,6 +321,11 @@ impl Worker {
         let executors = self.executors.clone();
         let slots = self.slots.clone();
         let backoff = (policy.worker.backoff.base, policy.worker.backoff.max);
+        let talk = Talk {
+            pool: self.pool.clone(),
+            owner: self.id.clone(),
+            asks: self.asks.clone(),
+        };
         let span = tracing::info_span!(
             "step",
             mission_id = step.mission_id,
@@ -307,7 +333,8 @@ impl Worker {
             attempt = step.attempts
         );
         tasks.spawn(
-            async move { execute(executors, slots, step, cancel, backoff).await }.instrument(span),
+            async move { execute(executors, slots, step, cancel, backoff, talk).await }
+                .instrument(span),
         );
     }
 
@@ -453,6 +480,116 @@ impl Done {
     }
 }
 
+/// What a running step may use to talk back: progress lines, `opsloop ask`.
+struct Talk {
+    pool: PgPool,
+    owner: String,
+    asks: Option<AskServer>,
+}
+
+/// A claimed step made ready to run: its condition checked, its references resolved.
+/// An ending instead when it will not run: skipped, failed at once, or asking.
+fn prepare(step: &Claimed) -> Result<StepSpec, Ending> {
+    let spec = serde_json::from_value::<StepSpec>(step.spec.clone()).map_err(|e| {
+        Ending::FailedForGood {
+            error: format!("unreadable step spec: {e}"),
+        }
+    })?;
+    let outputs: Outputs = match &step.outputs {
+        Some(v) => serde_json::from_value(v.clone()).unwrap_or_default(),
+        None => Outputs::new(),
+    };
+    if let Some(condition) = &step.condition {
+        let condition: Condition =
+            serde_json::from_value(condition.clone()).map_err(|e| Ending::FailedForGood {
+                error: format!("unreadable condition: {e}"),
+            })?;
+        if !condition.holds(&outputs) {
+            return Err(Ending::Skipped);
+        }
+    }
+    let spec = if step.outputs.is_some() {
+        spec.resolve(&outputs)
+            .map_err(|error| Ending::FailedForGood { error })?
+    } else {
+        spec
+    };
+    if let StepSpec::Ask {
+        question,
+        choices,
+        pattern,
+        help,
+        timeout_ms,
+        default,
+        to,
+    } = spec
+    {
+        return Err(Ending::Asking {
+            question: NewQuestion {
+                mission_id: Some(step.mission_id),
+                step_id: Some(step.id),
+                attempt: None,
+                asked_by: format!("step:{}", step.id),
+                question,
+                choices,
+                pattern,
+                help,
+                audience: Some(to),
+                default,
+                timeout: timeout_ms.map(Duration::from_millis),
+            },
+        });
+    }
+    Ok(spec)
+}
+
+/// `step.progress` events are written at most this often per step (the last always).
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Write a running step's latest progress line down, at most once per
+/// `PROGRESS_EVERY`, and the last one when `done` fires.
+async fn record_progress(
+    talk: &Talk,
+    step_id: i64,
+    attempt: i32,
+    mut latest: watch::Receiver<Option<Progress>>,
+    done: CancellationToken,
+) {
+    let mut written: Option<Progress> = None;
+    let mut last: Option<Instant> = None;
+    loop {
+        if !done.is_cancelled() {
+            tokio::select! {
+                changed = latest.changed() => if changed.is_err() { done.cancel(); },
+                _ = done.cancelled() => {}
+            }
+        }
+        if let Some(at) = last
+            && !done.is_cancelled()
+        {
+            tokio::select! {
+                _ = tokio::time::sleep_until(at + PROGRESS_EVERY) => {}
+                _ = done.cancelled() => {}
+            }
+        }
+        let current = latest.borrow_and_update().clone();
+        if let Some(p) = current.as_ref()
+            && current != written
+        {
+            let value = json!({ "percent": p.percent, "text": p.text, "at": chrono::Utc::now() });
+            match steps::record_progress(&talk.pool, step_id, &talk.owner, attempt, &value).await {
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, step_id, "cannot record progress"),
+            }
+            written = current;
+            last = Some(Instant::now());
+        }
+        if done.is_cancelled() {
+            return;
+        }
+    }
+}
+
 /// Run one claimed step to its end, once an execution slot is free.
 async fn execute(
     executors: Executors,
@@ -460,34 +597,71 @@ async fn execute(
     step: Claimed,
     cancel: CancellationToken,
     backoff: (Duration, Duration),
+    talk: Talk,
 ) -> Done {
+    let started = Instant::now();
+    let spec = match prepare(&step) {
+        Ok(spec) => spec,
+        // Skipped, asking or refused: nothing runs, no slot is taken.
+        Err(ending) => {
+            return Done {
+                step_id: step.id,
+                ending,
+                took: started.elapsed(),
+            };
+        }
+    };
     // A prefetched step waits for a slot; a cancel (or shutdown) meanwhile ends the wait.
     let _slot = tokio::select! {
         slot = slots.acquire_owned() => slot.ok(),
         _ = cancel.cancelled() => None,
     };
     let started = Instant::now();
-    let outcome = match serde_json::from_value::<StepSpec>(step.spec.clone()) {
-        Ok(spec) => {
-            let ctx = StepContext {
-                mission_id: step.mission_id,
-                step_id: step.id,
-                attempt: step.attempts,
-                params: serde_json::from_value(step.params.clone()).unwrap_or_default(),
-                cancel,
-                default_timeout: None,
-            };
-            let outcome = executors.execute(&spec, &ctx).await;
-            telemetry::step_duration(spec.kind().as_str(), started.elapsed());
-            outcome
+    let shell = matches!(spec, StepSpec::Shell { .. });
+    let (ask, _ticket) = match (&talk.asks, shell) {
+        (Some(server), true) => {
+            let (access, ticket) = server.grant(step.mission_id, step.id, step.attempts);
+            (Some(access), Some(ticket))
         }
-        Err(e) => Outcome::Failed {
-            error: format!("unreadable step spec: {e}"),
-            result: serde_json::json!({}),
-        },
+        _ => (None, None),
     };
+    let (progress, progress_writer) = if shell {
+        let (sender, receiver) = watch::channel(None);
+        let done = CancellationToken::new();
+        let writer = {
+            let done = done.clone();
+            let talk = Talk {
+                pool: talk.pool.clone(),
+                owner: talk.owner.clone(),
+                asks: None,
+            };
+            let (id, attempt) = (step.id, step.attempts);
+            tokio::spawn(async move { record_progress(&talk, id, attempt, receiver, done).await })
+        };
+        (Some(Arc::new(sender)), Some((writer, done)))
+    } else {
+        (None, None)
+    };
+    let ctx = StepContext {
+        mission_id: step.mission_id,
+        step_id: step.id,
+        attempt: step.attempts,
+        params: serde_json::from_value(step.params.clone()).unwrap_or_default(),
+        cancel,
+        default_timeout: None,
+        ask,
+        progress,
+    };
+    let outcome = executors.execute(&spec, &ctx).await;
+    telemetry::step_duration(spec.kind().as_str(), started.elapsed());
+    drop(ctx);
+    // The last progress line is written before the ending is stored.
+    if let Some((writer, done)) = progress_writer {
+        done.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
+    }
     let ending = match outcome {
-        Outcome::Succeeded { result } => Ending::Succeeded { result },
+        Outcome::Succeeded { result, output } => Ending::Succeeded { result, output },
         Outcome::Cancelled { result } => Ending::Cancelled { result },
         Outcome::Failed { error, result } => Ending::Failed {
             retry_in: executors::backoff_delay(step.attempts.max(1) as u32, backoff.0, backoff.1),
