@@ -1,6 +1,6 @@
 //! The heartbeat tick (design §5): due triggers → unprocessed events through the
-//! reactions → expired leases recovered → pending proposals expired → missions
-//! finalized → one `ops_action_runs` row. One tick at a time across all hosts: a
+//! reactions → expired leases recovered → pending proposals expired → questions past
+//! their timeout settled → missions finalized → one `ops_action_runs` row. One tick at a time across all hosts: a
 //! session advisory lock taken for the tick on a connection of its own
 //! (`db::singleton`), released when the tick ends or the holder dies. The tick checks
 //! it still holds the lock before each phase, and stops at the first phase it does not.
@@ -20,6 +20,7 @@ use crate::domain::vocab::{EventKind, MissionStatus, Source, StepStatus};
 use crate::engine::approvals;
 use crate::engine::gates;
 use crate::engine::missions::progress;
+use crate::engine::questions;
 use crate::engine::telemetry;
 use crate::store::events::{self, NewEvent};
 use crate::store::{missions, runs, steps};
@@ -36,6 +37,8 @@ pub struct TickSummary {
     pub leases_recovered: u64,
     pub steps_failed: u64,
     pub proposals_expired: u64,
+    /// Questions past their timeout: answered by their default, or expired.
+    pub questions_settled: u64,
     pub missions_finalized: u64,
     pub deleted: retention::Deleted,
     pub duration_ms: u64,
@@ -93,6 +96,8 @@ async fn phases(pool: &PgPool, policy: &Policy, held: &Held) -> OpsResult<TickSu
     (s.leases_recovered, s.steps_failed) = recover_leases(pool, policy).await?;
     still_holding(held, "proposal expiry").await?;
     s.proposals_expired = expire_proposals(pool).await?;
+    still_holding(held, "question timeouts").await?;
+    s.questions_settled = settle_questions(pool, policy).await?;
     still_holding(held, "finalization").await?;
     s.missions_finalized = finalize_missions(pool).await?;
     still_holding(held, "retention").await?;
@@ -120,6 +125,9 @@ async fn recover_leases(pool: &PgPool, policy: &Policy) -> OpsResult<(u64, u64)>
             StepStatus::Failed
         };
         steps::recover_expired(&mut tx, step.id, next, &error).await?;
+        // What the lost attempt asked (`opsloop ask`) ends with it.
+        questions::cancel_of_attempt_in(&mut tx, step.mission_id, step.id, step.attempts)
+            .await?;
         match next {
             StepStatus::Queued => {
                 recovered += 1;
@@ -167,6 +175,13 @@ async fn expire_proposals(pool: &PgPool) -> OpsResult<u64> {
     }
     tx.commit().await?;
     Ok(due.len() as u64)
+}
+
+async fn settle_questions(pool: &PgPool, policy: &Policy) -> OpsResult<u64> {
+    let mut tx = pool.begin().await?;
+    let n = questions::settle_due(&mut tx, policy.gates.pause_after_failures).await?;
+    tx.commit().await?;
+    Ok(n)
 }
 
 /// A safety net: missions whose steps all succeeded but that are still running (the

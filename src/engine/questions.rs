@@ -369,16 +369,27 @@ pub async fn cancel_of_attempt(
     attempt: i32,
 ) -> OpsResult<u64> {
     let mut tx = pool.begin().await?;
-    let ids = store::open_of_attempt(&mut tx, step_id, attempt).await?;
+    let n = cancel_of_attempt_in(&mut tx, mission_id, step_id, attempt).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// `cancel_of_attempt` in the caller's transaction (the heartbeat's lease recovery).
+pub async fn cancel_of_attempt_in(
+    conn: &mut PgConnection,
+    mission_id: i64,
+    step_id: i64,
+    attempt: i32,
+) -> OpsResult<u64> {
+    let ids = store::open_of_attempt(conn, step_id, attempt).await?;
     let mut n = 0;
     for id in &ids {
-        if store::cancel(&mut tx, *id).await? {
+        if store::cancel(conn, *id).await? {
             let why = "the step that asked it stopped";
-            cancelled(&mut tx, *id, Some(mission_id), Some(step_id), Source::Worker, why).await?;
+            cancelled(conn, *id, Some(mission_id), Some(step_id), Source::Worker, why).await?;
             n += 1;
         }
     }
-    tx.commit().await?;
     Ok(n)
 }
 

@@ -154,13 +154,13 @@ pub async fn failed_of_last(conn: &mut PgConnection, template: &str, n: u32) -> 
     .await?)
 }
 
-/// Up to `limit` running missions whose steps have all succeeded (for the heartbeat's
+/// Up to `limit` running missions whose steps have all succeeded or were skipped (for the heartbeat's
 /// safety net; the worker finalizes as the last step ends).
 pub async fn awaiting_finalization(pool: &PgPool, limit: i64) -> OpsResult<Vec<i64>> {
     Ok(sqlx::query_scalar(
         "SELECT m.id FROM ops_missions m
          WHERE m.status = 'running'
-           AND NOT EXISTS (SELECT 1 FROM ops_mission_steps s WHERE s.mission_id = m.id AND s.status <> 'succeeded')
+           AND NOT EXISTS (SELECT 1 FROM ops_mission_steps s WHERE s.mission_id = m.id AND s.status NOT IN ('succeeded', 'skipped'))
          LIMIT $1",
     )
     .bind(limit)

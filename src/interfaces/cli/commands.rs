@@ -19,6 +19,7 @@ use crate::engine::approvals::{self, Decision};
 use crate::engine::gates;
 use crate::engine::missions::{self, MissionStatus};
 use crate::engine::proposals::{self, NewProposal, ProposalStatus};
+use crate::engine::questions;
 use crate::engine::status as summary;
 use crate::interfaces::{bench, daemon, logging};
 use crate::store::events;
@@ -37,6 +38,16 @@ pub async fn run(command: Command) -> OpsResult<i32> {
     } = &command
     {
         return policy_check(file);
+    }
+    if let Command::Ask {
+        question,
+        choices,
+        pattern,
+        timeout,
+        default,
+    } = command
+    {
+        return super::ask::ask(question, choices, pattern, timeout, default).await;
     }
     match command {
         // Doctor reports an unreachable database instead of failing on it.
@@ -92,6 +103,12 @@ async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsRes
             json,
         } => decide(pool, &id, actor, Decision::Reject, reason, json).await,
         Command::Cancel { mission_id, actor } => cancel(pool, &mission_id, actor).await,
+        Command::Questions { json } => questions_list(pool, json).await,
+        Command::Answer {
+            question_id,
+            value,
+            actor,
+        } => answer(pool, &question_id, &value, actor).await,
         Command::Status { json } => status(pool, json).await,
         Command::Missions {
             status,
@@ -109,7 +126,10 @@ async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsRes
         Command::Resume { template, actor } => resume(pool, template, actor).await,
         Command::Users { command } => users_command(pool, command).await,
         Command::Bench { command } => bench(db, command).await,
-        Command::Doctor { .. } | Command::Run { .. } | Command::Worker { .. } => Ok(0),
+        Command::Doctor { .. }
+        | Command::Run { .. }
+        | Command::Worker { .. }
+        | Command::Ask { .. } => Ok(0),
     }
 }
 
@@ -168,6 +188,39 @@ async fn cancel(pool: &PgPool, mission_id: &str, actor: Option<String>) -> OpsRe
     let id = parse_id(mission_id, "mission")?;
     missions::cancel(pool, id, &whoami(actor)?, Source::Cli.as_str()).await?;
     println!("mission #{id} cancelled");
+    Ok(0)
+}
+
+async fn questions_list(pool: &PgPool, json: bool) -> OpsResult<i32> {
+    let open = questions::open(pool).await?;
+    if json {
+        let list: Vec<Value> = open
+            .iter()
+            .map(|q| {
+                json!({
+                    "id": q.id, "question": q.question, "choices": q.choices,
+                    "pattern": q.pattern, "mission_id": q.mission_id, "step_id": q.step_id,
+                    "status": q.status, "to": q.audience, "expires_at": q.expires_at,
+                    "asked_by": q.asked_by,
+                })
+            })
+            .collect();
+        println!("{}", json!(list));
+    } else {
+        show::questions(&open);
+    }
+    Ok(0)
+}
+
+async fn answer(pool: &PgPool, id: &str, value: &str, actor: Option<String>) -> OpsResult<i32> {
+    let id = parse_id(id, "question")?;
+    let by = whoami(actor)?;
+    let answered = questions::answer(pool, id, value, &by, Source::Cli).await?;
+    println!(
+        "question #{} answered: {}",
+        answered.id,
+        answered.answer
+    );
     Ok(0)
 }
 

@@ -1,6 +1,7 @@
 //! The command line (docs/commands.md). Parsing and dispatch only: every command calls the
 //! library function that the bot and HTTP call too.
 
+mod ask;
 mod commands;
 mod show;
 
@@ -75,6 +76,33 @@ pub enum Command {
     /// Cancel mission MISSION_ID: queued steps are cancelled, a running step is killed.
     Cancel {
         mission_id: String,
+        #[arg(long = "as", value_name = "NAME")]
+        actor: Option<String>,
+    },
+    /// From inside a running shell step: ask people QUESTION, wait, print the answer.
+    Ask {
+        question: String,
+        /// An allowed answer (repeat for each); without any, the answer is free text.
+        #[arg(long = "choice", value_name = "C")]
+        choices: Vec<String>,
+        /// Free text must match this regex (whole).
+        #[arg(long, value_name = "RE")]
+        pattern: Option<String>,
+        /// Give up after this long (e.g. 30m): the default is the answer, else exit 3.
+        #[arg(long, value_name = "D")]
+        timeout: Option<String>,
+        #[arg(long, value_name = "V")]
+        default: Option<String>,
+    },
+    /// Open questions, oldest first.
+    Questions {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Answer question QUESTION_ID with VALUE.
+    Answer {
+        question_id: String,
+        value: String,
         #[arg(long = "as", value_name = "NAME")]
         actor: Option<String>,
     },

@@ -124,6 +124,38 @@ pub fn mission(v: &MissionView) {
                 .map(|e| format!("  {e}"))
                 .unwrap_or_default()
         );
+        if let Some(p) = &s.progress {
+            println!(
+                "     progress {}% {}",
+                p.get("percent").unwrap_or(&serde_json::Value::Null),
+                p.get("text").and_then(|t| t.as_str()).unwrap_or("")
+            );
+        }
+        if let Some(o) = s.output.as_ref().filter(|o| o.as_object().is_some_and(|m| !m.is_empty())) {
+            let text = o.to_string();
+            let shown: String = text.chars().take(300).collect();
+            let more = if shown.len() < text.len() { " …" } else { "" };
+            println!("     output {shown}{more}");
+        }
+    }
+}
+
+pub fn questions(list: &[crate::engine::questions::Question]) {
+    if list.is_empty() {
+        println!("no open questions");
+    }
+    for q in list {
+        let allowed = match (q.choice_list(), &q.pattern) {
+            (c, _) if !c.is_empty() => c.join(" | "),
+            (_, Some(p)) => format!("text matching {p}"),
+            _ => "any text".to_string(),
+        };
+        let mission = q
+            .mission_id
+            .map(|m| format!(" (mission #{m})"))
+            .unwrap_or_default();
+        println!("question #{}{mission}: {}", q.id, q.question);
+        println!("   answers: {allowed}; answer with `opsloop answer {} VALUE`", q.id);
     }
 }
 

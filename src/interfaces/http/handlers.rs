@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -20,8 +21,9 @@ use super::{AppState, SERVER};
 use crate::domain::error::OpsError;
 use crate::domain::input;
 use crate::domain::policy::Policy;
-use crate::domain::vocab::Source;
+use crate::domain::vocab::{Audience, QuestionStatus, Source};
 use crate::engine::proposals::{self, NewProposal, ProposalStatus};
+use crate::engine::questions::{self, NewQuestion};
 use crate::engine::{heartbeat, missions, telemetry};
 use crate::store::events;
 
@@ -144,19 +146,140 @@ pub(super) async fn mission(
     State(state): State<AppState>,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = match raw.trim().trim_start_matches('#').parse::<i64>() {
-        Ok(id) if id > 0 => id,
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("{raw:?} is not a mission id (a positive number)"),
-            ));
-        }
-    };
+    let id = path_id(&raw, "mission")?;
     match missions::get(&state.pool, id).await {
         Ok(view) => Ok(Json(json!(view)).into_response()),
         Err(OpsError::BadInput(msg)) => Err(ApiError::new(StatusCode::NOT_FOUND, msg)),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct QuestionRequest {
+    question: String,
+    #[serde(default)]
+    choices: Option<Vec<String>>,
+    #[serde(default)]
+    pattern: Option<String>,
+    /// A duration such as "1h".
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    default: Option<String>,
+    #[serde(default)]
+    to: Option<Audience>,
+}
+
+/// `POST /api/questions`: an agent asks people; 201 `{id, status}`.
+pub(super) async fn ask(
+    State(state): State<AppState>,
+    StrictJson(body): StrictJson<QuestionRequest>,
+) -> Result<Response, ApiError> {
+    let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
+    if body.choices.is_some() && body.pattern.is_some() {
+        return Err(unprocessable("give choices or pattern, not both".into()));
+    }
+    let timeout = match body.timeout.as_deref() {
+        None => None,
+        Some(t) => Some(
+            humantime::parse_duration(t)
+                .map_err(|e| unprocessable(format!("timeout {t:?} is not a duration: {e}")))?,
+        ),
+    };
+    let question = NewQuestion {
+        asked_by: "http".into(),
+        question: body.question,
+        choices: body.choices.unwrap_or_default(),
+        pattern: body.pattern,
+        audience: body.to,
+        default: body.default,
+        timeout,
+        ..NewQuestion::default()
+    };
+    let mut tx = state.pool.begin().await.map_err(OpsError::from)?;
+    let id = questions::ask(&mut tx, &question).await?;
+    tx.commit().await.map_err(OpsError::from)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "status": QuestionStatus::Open })),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WaitQuery {
+    #[serde(default)]
+    wait: Option<String>,
+}
+
+/// The longest `?wait=` a long poll may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// `GET /api/questions/{id}?wait=30s`: the question, waiting (up to 60 s) until it is
+/// no longer open.
+pub(super) async fn question(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let id = path_id(&raw, "question")?;
+    let Query(query) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let wait = match query.wait.as_deref() {
+        None => Duration::ZERO,
+        Some(w) => humantime::parse_duration(w)
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("wait={w:?} is not a duration such as 30s: {e}"),
+                )
+            })?
+            .min(MAX_WAIT),
+    };
+    let found = state.waiters().wait(&state.pool, id, wait).await;
+    match found {
+        Ok(q) => Ok(Json(json!(q)).into_response()),
+        Err(OpsError::BadInput(msg)) => Err(ApiError::new(StatusCode::NOT_FOUND, msg)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AnswerRequest {
+    answer: String,
+    answered_by: String,
+}
+
+/// `POST /api/questions/{id}/answer`: 200 with the answer; 422 when it is not allowed,
+/// 409 when the question is no longer open, 404 when there is none.
+pub(super) async fn answer(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    StrictJson(body): StrictJson<AnswerRequest>,
+) -> Result<Response, ApiError> {
+    let id = path_id(&raw, "question")?;
+    let by = input::identity(&body.answered_by, "answered_by")?;
+    if questions::get(&state.pool, id).await.is_err() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("there is no question #{id}"),
+        ));
+    }
+    let answered = questions::answer(&state.pool, id, &body.answer, &by, Source::Http).await?;
+    Ok(Json(json!(answered)).into_response())
+}
+
+/// An id from the path: a positive number (`#5` is fine), else 400.
+fn path_id(raw: &str, what: &str) -> Result<i64, ApiError> {
+    match raw.trim().trim_start_matches('#').parse::<i64>() {
+        Ok(id) if id > 0 => Ok(id),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{raw:?} is not a {what} id (a positive number)"),
+        )),
     }
 }
 

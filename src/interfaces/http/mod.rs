@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 pub use errors::ApiError;
 pub use json::{BODY_LIMIT, StrictJson};
 
+use crate::engine::questions::Waiters;
 use crate::engine::telemetry;
 use crate::store::policy::PolicyCache;
 
@@ -41,6 +42,8 @@ pub struct AppState {
     policy: PolicyCache,
     ops_key: auth::ApiKey,
     metrics: PrometheusHandle,
+    /// Long polls of questions share one listener, started on first use.
+    waiters: Arc<std::sync::OnceLock<Waiters>>,
 }
 
 impl AppState {
@@ -51,7 +54,12 @@ impl AppState {
             policy,
             ops_key: auth::ApiKey::new(ops_key),
             metrics: telemetry::handle(),
+            waiters: Arc::new(std::sync::OnceLock::new()),
         }
+    }
+
+    fn waiters(&self) -> &Waiters {
+        self.waiters.get_or_init(|| Waiters::start(&self.pool))
     }
 }
 
@@ -65,7 +73,7 @@ enum Access {
 
 /// Every route, once: the router, the key check, the 404's list of routes and the
 /// request counter's `route` label all come from this table.
-fn routes() -> [Route; 6] {
+fn routes() -> [Route; 9] {
     use Access::{Key, Open};
     [
         Route::get("/healthz", Open, handlers::healthz),
@@ -74,6 +82,9 @@ fn routes() -> [Route; 6] {
         Route::post("/api/events", Key, handlers::emit_event),
         Route::post("/api/proposals", Key, handlers::propose),
         Route::get("/api/missions/{id}", Key, handlers::mission),
+        Route::post("/api/questions", Key, handlers::ask),
+        Route::get("/api/questions/{id}", Key, handlers::question),
+        Route::post("/api/questions/{id}/answer", Key, handlers::answer),
     ]
 }
 

@@ -1,0 +1,93 @@
+//! `opsloop ask`, run by a shell step: it reaches the worker running that step through
+//! the socket and secret in its environment (`engine::worker`'s ask server), prints the
+//! answer and exits 0; on a timeout without default, a cancel, outside a step, or with
+//! credentials that are not the running attempt's, it exits 3 and creates nothing.
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::domain::error::{OpsError, OpsResult};
+use crate::domain::vocab::QuestionStatus;
+use crate::engine::executors::{ENV_ASK_SOCKET, ENV_ASK_TOKEN};
+use crate::engine::worker::{AskReply, AskRequest};
+
+pub async fn ask(
+    question: String,
+    choices: Vec<String>,
+    pattern: Option<String>,
+    timeout: Option<String>,
+    default: Option<String>,
+) -> OpsResult<i32> {
+    let (Some(socket), Some(token)) = (
+        std::env::var_os(ENV_ASK_SOCKET),
+        std::env::var(ENV_ASK_TOKEN).ok(),
+    ) else {
+        return Err(OpsError::refused(
+            "opsloop ask works only inside a running shell step (its worker gives it the credentials)",
+        ));
+    };
+    let stream = UnixStream::connect(&socket).await.map_err(|e| {
+        OpsError::refused(format!(
+            "cannot reach the worker running this step ({e}); is the step still running?"
+        ))
+    })?;
+    let request = AskRequest {
+        token,
+        question,
+        choices,
+        pattern,
+        timeout,
+        default,
+    };
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(&request).map_err(|e| OpsError::Other(e.into()))?;
+    line.push('\n');
+    write
+        .write_all(line.as_bytes())
+        .await
+        .map_err(|e| OpsError::refused(format!("cannot ask the worker: {e}")))?;
+    let mut lines = BufReader::new(read).lines();
+    loop {
+        let Some(line) = lines
+            .next_line()
+            .await
+            .map_err(|e| OpsError::refused(format!("lost the worker: {e}")))?
+        else {
+            return Err(OpsError::refused(
+                "the worker stopped waiting (the step was cancelled or its lease lost)",
+            ));
+        };
+        let reply: AskReply = serde_json::from_str(&line)
+            .map_err(|e| OpsError::Other(anyhow::anyhow!("unreadable answer: {e}")))?;
+        if let Some(error) = reply.error {
+            return Err(match reply.code {
+                Some(2) => OpsError::bad_input(error),
+                Some(3) => OpsError::refused(error),
+                _ => OpsError::Other(anyhow::anyhow!(error)),
+            });
+        }
+        match reply.status {
+            Some(QuestionStatus::Open) => {
+                if let Some(id) = reply.id {
+                    eprintln!("question #{id} asked; waiting for an answer");
+                }
+            }
+            Some(QuestionStatus::Answered) => {
+                println!("{}", reply.answer.unwrap_or_default());
+                return Ok(0);
+            }
+            Some(QuestionStatus::Expired) => {
+                return Err(OpsError::refused(format!(
+                    "question #{} expired without an answer",
+                    reply.id.unwrap_or(0)
+                )));
+            }
+            Some(QuestionStatus::Cancelled) | None => {
+                return Err(OpsError::refused(format!(
+                    "question #{} was cancelled",
+                    reply.id.unwrap_or(0)
+                )));
+            }
+        }
+    }
+}
