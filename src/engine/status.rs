@@ -30,6 +30,8 @@ pub struct Status {
     pub missions: BTreeMap<String, i64>,
     pub steps: BTreeMap<String, i64>,
     pub dead_letters: i64,
+    /// Questions waiting for an answer.
+    pub open_questions: i64,
     pub pending_approvals: Vec<ProposalView>,
     pub running_missions: Vec<MissionSummary>,
     /// Workers seen in the last minute.
@@ -64,6 +66,7 @@ pub async fn status(pool: &PgPool) -> OpsResult<Status> {
         dead_letters: sqlx::query_scalar("SELECT count(*) FROM ops_step_dead_letters")
             .fetch_one(pool)
             .await?,
+        open_questions: crate::engine::questions::count_open(pool).await?,
         pending_approvals: proposals::pending(pool).await?,
         running_missions: missions::list(pool, Some(MissionStatus::Running), 50).await?,
         workers: sqlx::query_as(

@@ -115,6 +115,46 @@ pub async fn adopt_prompt(
     Ok(())
 }
 
+/// The question whose message `message_id` in `chat_id` is (a reply to it answers it).
+pub async fn question_of_message(
+    pool: &PgPool,
+    chat_id: i64,
+    message_id: i32,
+) -> OpsResult<Option<i64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT substr(subject, 10)::bigint FROM ops_notifications
+         WHERE chat_id = $1 AND message_id = $2 AND action = 'question' AND subject LIKE 'question:%'
+         LIMIT 1",
+    )
+    .bind(chat_id)
+    .bind(i64::from(message_id))
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Queue a new copy of each of these questions in `chat_id` (`/pending`): sent as a new
+/// message, then edited with the others.
+pub async fn enqueue_question_copies(
+    conn: &mut PgConnection,
+    chat_id: i64,
+    question_ids: &[i64],
+) -> OpsResult<()> {
+    sqlx::query(
+        "WITH n AS (
+            INSERT INTO ops_notifications (chat_id, subject, action, body)
+            SELECT $1, 'question:' || q, 'question', '{\"copy\": true}'
+            FROM unnest($2::bigint[]) WITH ORDINALITY AS t(q, n) ORDER BY n
+            RETURNING id)
+         SELECT pg_notify($3, '') FROM n LIMIT 1",
+    )
+    .bind(chat_id)
+    .bind(question_ids)
+    .bind(channels::OUTBOX)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Each chat's oldest pending row (at most `limit` chats): only it may be sent, so
 /// order per chat holds.
 pub async fn heads(pool: &PgPool, limit: i64) -> OpsResult<Vec<Pending>> {
@@ -276,6 +316,8 @@ pub async fn delete_done_before(
             WHERE n.status <> 'pending' AND n.created_at < $1
               AND NOT (n.subject LIKE 'mission:%' AND EXISTS (
                     SELECT 1 FROM ops_missions m WHERE 'mission:' || m.id = n.subject AND m.status = 'running'))
+              AND NOT (n.subject LIKE 'question:%' AND EXISTS (
+                    SELECT 1 FROM ops_questions q WHERE 'question:' || q.id = n.subject AND q.status = 'open'))
               AND NOT (n.subject LIKE 'proposal:%' AND EXISTS (
                     SELECT 1 FROM ops_mission_proposals p WHERE 'proposal:' || p.id = n.subject AND p.status = 'pending'))
             ORDER BY n.created_at LIMIT $2)",

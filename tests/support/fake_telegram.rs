@@ -234,6 +234,24 @@ impl FakeTelegram {
         self.push_update(st, "message", msg)
     }
 
+    /// Queues a text message from `from` replying to the bot's message `reply_to`.
+    pub fn send_reply(&self, chat: Chat, from: User, text: &str, reply_to: i64) -> i64 {
+        let mut st = self.shared.lock();
+        let replied = st
+            .sent
+            .get(&(chat.id, reply_to))
+            .map(|s| message_json(&st, chat.id, s));
+        let id = next_msg_id(&mut st, chat.id);
+        let mut msg = json!({"message_id": id, "date": now(), "chat": chat_json(&chat, Some(&from)),
+            "from": from.json(), "text": text});
+        if let Some(r) = replied {
+            msg["reply_to_message"] = r;
+        }
+        st.users.insert(from.id, from);
+        st.chats.insert(chat.id, chat);
+        self.push_update(st, "message", msg)
+    }
+
     /// Queues a callback query: `from` taps a button with `data` on the bot's message
     /// `message_id` in `chat`. Returns the callback query id.
     pub fn tap(&self, chat: Chat, from: User, message_id: i64, data: &str) -> String {
@@ -364,7 +382,8 @@ fn message_json(st: &St, chat_id: i64, s: &Sent) -> Value {
         "username": FakeTelegram::BOT_USERNAME});
     let mut v = json!({"message_id": s.message_id, "from": from, "date": s.date, "text": s.text,
         "chat": chat_json(&chat, st.users.get(&chat_id))});
-    if let Some(m) = &s.reply_markup {
+    // Telegram shows only inline keyboards in a message (not force_reply).
+    if let Some(m) = s.reply_markup.as_ref().filter(|m| m.get("inline_keyboard").is_some()) {
         v["reply_markup"] = m.clone();
     }
     if s.edits > 0 {

@@ -52,6 +52,9 @@ fn paged(text: &str) -> Vec<String> {
 /// A tap on a prompt of ours we have no record of (`store::outbox::adopt_prompt`).
 pub use crate::store::outbox::adopt_prompt;
 
+/// The question a message of ours shows (a reply to it answers it).
+pub use crate::store::outbox::question_of_message;
+
 /// Escape user-supplied text for Telegram's HTML parse mode.
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());

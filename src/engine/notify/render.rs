@@ -8,8 +8,8 @@ use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup};
 
 use super::{cut, escape, pages};
 use crate::domain::error::{OpsError, OpsResult};
-use crate::domain::vocab::EventKind;
-use crate::engine::missions;
+use crate::domain::vocab::{EventKind, QuestionStatus};
+use crate::engine::{missions, questions};
 use crate::engine::proposals::{self, ProposalStatus};
 
 /// A message ready to send: text and, for open prompts, the buttons.
@@ -17,6 +17,8 @@ use crate::engine::proposals::{self, ProposalStatus};
 pub struct Rendered {
     pub text: String,
     pub buttons: Option<InlineKeyboardMarkup>,
+    /// A new message asks for a reply (an open free-text question); edits cannot.
+    pub force_reply: bool,
 }
 
 impl Rendered {
@@ -24,6 +26,7 @@ impl Rendered {
         Rendered {
             text: fit(&text),
             buttons: None,
+            force_reply: false,
         }
     }
 }
@@ -129,6 +132,86 @@ pub async fn prompt(pool: &PgPool, proposal_id: i64) -> OpsResult<Rendered> {
     Ok(Rendered {
         text: fit(&text),
         buttons,
+        force_reply: false,
+    })
+}
+
+/// Callback data of a question's button: `q:ID:N`, the choice's index (within 64 bytes
+/// whatever the choice's text).
+pub fn answer_data(id: i64, choice: usize) -> String {
+    format!("q:{id}:{choice}")
+}
+
+/// A question, as it stands now: open with its buttons (or asking for a reply), or its
+/// outcome.
+pub async fn question(pool: &PgPool, id: i64) -> OpsResult<Rendered> {
+    let q = questions::get(pool, id).await?;
+    let mut text = format!("❓ <b>question #{}</b>", q.id);
+    if let Some(m) = q.mission_id {
+        let template: Option<String> =
+            sqlx::query_scalar("SELECT template FROM ops_missions WHERE id = $1")
+                .bind(m)
+                .fetch_optional(pool)
+                .await?;
+        text.push_str(&format!(
+            " · mission #{m}{}",
+            template
+                .map(|t| format!(" ({})", escape(&t)))
+                .unwrap_or_default()
+        ));
+    }
+    text.push_str(&format!("
+{}
+", escape(&cut(&q.question, 1500))));
+    let choices = q.choice_list();
+    let when = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M UTC").to_string();
+    let open = q.status == QuestionStatus::Open;
+    match q.status {
+        QuestionStatus::Open => {
+            if choices.is_empty() {
+                text.push_str("
+↩️ Reply to this message with your answer");
+                if let Some(h) = &q.help {
+                    text.push_str(&format!(" ({})", escape(&cut(h, 300))));
+                }
+                text.push_str(&format!(", or send /answer {} TEXT.", q.id));
+            }
+            if let Some(e) = q.expires_at {
+                let then = match &q.default_answer {
+                    Some(d) => format!("the answer is {}", escape(&cut(d, 64))),
+                    None => "it expires".to_string(),
+                };
+                text.push_str(&format!("
+⏳ at {} {then}", when(e)));
+            }
+        }
+        QuestionStatus::Answered => text.push_str(&format!(
+            "
+✅ <b>{}</b> — answered by {} at {}",
+            escape(&cut(q.answer.as_deref().unwrap_or(""), 500)),
+            escape(&who(pool, q.answered_by.as_deref().unwrap_or("?")).await),
+            q.answered_at.map(when).unwrap_or_default()
+        )),
+        QuestionStatus::Expired => text.push_str(&format!(
+            "
+⌛ <b>expired</b> without an answer at {}",
+            q.answered_at.map(when).unwrap_or_default()
+        )),
+        QuestionStatus::Cancelled => text.push_str(&format!(
+            "
+⏹ <b>cancelled</b> at {}",
+            q.answered_at.map(when).unwrap_or_default()
+        )),
+    }
+    let buttons = (open && !choices.is_empty()).then(|| {
+        InlineKeyboardMarkup::new(choices.iter().enumerate().map(|(i, c)| {
+            [InlineKeyboardButton::callback(cut(c, 64), answer_data(q.id, i))]
+        }))
+    });
+    Ok(Rendered {
+        text: fit(&text),
+        buttons,
+        force_reply: open && choices.is_empty(),
     })
 }
 
@@ -156,6 +239,8 @@ pub async fn mission(pool: &PgPool, mission_id: i64) -> OpsResult<Rendered> {
             "running" => "⏳",
             "queued" => "🔁",
             "cancelled" => "⏹",
+            "asking" => "❓",
+            "skipped" => "⏭",
             _ => "▫️",
         };
         text.push_str(&format!("{icon} {}", escape(&s.name)));
@@ -163,6 +248,24 @@ pub async fn mission(pool: &PgPool, mission_id: i64) -> OpsResult<Rendered> {
             || (s.status == crate::domain::vocab::StepStatus::Queued && s.attempts > 0)
         {
             text.push_str(&format!(" (attempt {}/{})", s.attempts, s.max_attempts));
+        }
+        if s.status == crate::domain::vocab::StepStatus::Running
+            && let Some(p) = &s.progress
+        {
+            text.push_str(&format!(
+                " · {}% {}",
+                p.get("percent").and_then(Value::as_u64).unwrap_or(0),
+                escape(&cut(p.get("text").and_then(Value::as_str).unwrap_or(""), 200))
+            ));
+        }
+        // A short output is worth a glance; a long one is in `mission ID`.
+        if let Some(o) = s.output.as_ref().and_then(Value::as_object)
+            && !o.is_empty()
+        {
+            let shown = serde_json::to_string(o).unwrap_or_default();
+            if shown.chars().count() <= 200 {
+                text.push_str(&format!(" → <code>{}</code>", escape(&shown)));
+            }
         }
         text.push('\n');
     }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sqlx::{PgPool, postgres::PgListener};
 use teloxide::prelude::*;
-use teloxide::types::{MessageId, ParseMode};
+use teloxide::types::{ForceReply, MessageId, ParseMode};
 use teloxide::{ApiError, RequestError};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -185,7 +185,9 @@ impl Sender {
                     not_yet => wait = wait.min(not_yet),
                 }
             }
-            ready.sort_by_key(|r| (r.action != "prompt", limits.chats.last(r.chat_id), r.id));
+            // Someone is waiting to decide or to be answered.
+            let urgent = |r: &Row| matches!(r.action.as_str(), "prompt" | "question");
+            ready.sort_by_key(|r| (!urgent(r), limits.chats.last(r.chat_id), r.id));
         }
         let mut sent_all = !ready.is_empty();
         for row in ready {
@@ -278,7 +280,9 @@ impl Sender {
             Err(e) => return Delivery::Permanent(format!("cannot render: {e}")),
         };
         let chat = ChatId(row.chat_id);
-        let existing = if row.action == "send" {
+        // A copy (`/pending`) is a new message, edited with the others afterwards.
+        let copy = row.body.get("copy").and_then(Value::as_bool) == Some(true);
+        let existing = if row.action == "send" || copy {
             Vec::new()
         } else {
             match self.messages_of(row).await {
@@ -317,6 +321,10 @@ impl Sender {
             .parse_mode(ParseMode::Html);
         if let Some(buttons) = rendered.buttons {
             send = send.reply_markup(buttons);
+        } else if rendered.force_reply {
+            send = send.reply_markup(ForceReply::new().input_field_placeholder(Some(
+                "Your answer".to_string(),
+            )));
         }
         match send.await {
             Ok(message) => Delivery::Sent(Some(message.id.0)),
@@ -336,11 +344,13 @@ impl Sender {
         match row.action.as_str() {
             "prompt" => render::prompt(&self.pool, id("proposal:").unwrap_or(0)).await,
             "mission" => render::mission(&self.pool, id("mission:").unwrap_or(0)).await,
+            "question" => render::question(&self.pool, id("question:").unwrap_or(0)).await,
             _ => match (row.body.get("text").and_then(Value::as_str), row.event_id) {
                 // Replies are split into pages when queued; this is the last guard.
                 (Some(text), _) => Ok(Rendered {
                     text: render::fit(text),
                     buttons: None,
+                    force_reply: false,
                 }),
                 (None, Some(event)) => render::event(&self.pool, event).await,
                 (None, None) => Err(crate::domain::error::OpsError::bad_input(

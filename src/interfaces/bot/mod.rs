@@ -4,6 +4,7 @@
 //! (`db::singleton`); another takes over when it dies or loses the lock.
 
 mod access;
+mod answers;
 mod commands;
 mod taps;
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use teloxide::prelude::*;
 
-use super::access;
+use super::{access, answers};
 use super::{BotState, HandlerResult};
 use crate::domain::error::OpsError;
 use crate::domain::vocab::Source;
@@ -31,8 +31,13 @@ pub fn parse_data(data: &str) -> Option<(Decision, i64)> {
 }
 
 pub async fn on_tap(bot: Bot, q: CallbackQuery, state: Arc<BotState>) -> HandlerResult {
-    adopt(&state, &q).await;
-    let answer = decide(&state, &q).await;
+    let answer = match q.data.as_deref().and_then(answers::parse_data) {
+        Some((question, choice)) => answer_question(&state, &q, question, choice).await,
+        None => {
+            adopt(&state, &q).await;
+            decide(&state, &q).await
+        }
+    };
     // Callback answers are short (Telegram shows at most 200 characters).
     bot.answer_callback_query(q.id.clone())
         .text(cut(&answer, 190))
@@ -50,6 +55,30 @@ async fn adopt(state: &BotState, q: &CallbackQuery) {
             notify::adopt_prompt(&state.pool, message.chat.id.0, message.id.0, proposal).await
     {
         tracing::warn!(error = %e, "cannot record a tapped prompt");
+    }
+}
+
+/// A tap on a question's button: its choice is the answer.
+async fn answer_question(state: &BotState, q: &CallbackQuery, id: i64, choice: usize) -> String {
+    let user = match access::seen(&state.pool, &q.from, false).await {
+        Ok(user) => user,
+        Err(_) => return "Something went wrong; try again.".into(),
+    };
+    let Some(user) = user else {
+        return format!("Not authorized. Your Telegram id is {}.", q.from.id.0);
+    };
+    let answered = async {
+        let text = answers::choice(state, id, choice).await?;
+        answers::answer(state, &user, &access::actor(&q.from), id, &text).await
+    };
+    match answered.await {
+        // A callback answer is plain text.
+        Ok(_) => "Answered.".to_string(),
+        Err(OpsError::BadInput(m) | OpsError::Refused(m)) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "answer tap failed");
+            "Something went wrong; try again.".into()
+        }
     }
 }
 

@@ -56,6 +56,7 @@ pub fn status(s: &Status) {
     line("missions", &s.missions);
     line("steps", &s.steps);
     println!("dead letters: {}", s.dead_letters);
+    println!("open questions: {}", s.open_questions);
     println!("workers: {}", s.workers.len());
     for w in &s.workers {
         println!(

@@ -49,6 +49,8 @@ pub enum Command {
     Mission(String),
     #[command(description = "ID — cancel mission #ID")]
     Cancel(String),
+    #[command(description = "ID text — answer question #ID")]
+    Answer(String),
     #[command(description = "what can be proposed")]
     Templates,
     #[command(description = "mission notifications in your private chat")]
@@ -83,7 +85,7 @@ impl Command {
             | Command::Subscribe
             | Command::Unsubscribe
             | Command::Whoami => Role::Viewer,
-            Command::Propose(_) | Command::Cancel(_) => Role::Operator,
+            Command::Propose(_) | Command::Cancel(_) | Command::Answer(_) => Role::Operator,
             Command::Approve(_) | Command::Reject(_) => Role::Approver,
             Command::Pause
             | Command::Resume(_)
@@ -137,6 +139,7 @@ pub fn schema() -> UpdateHandler<anyhow::Error> {
         .branch(case![C::Whoami].endpoint(answer(viewer::whoami)))
         .branch(case![C::Propose(args)].endpoint(answer_args(operator::propose)))
         .branch(case![C::Cancel(args)].endpoint(answer_args(operator::cancel)))
+        .branch(case![C::Answer(args)].endpoint(answer_args(operator::answer)))
         .branch(case![C::Approve(args)].endpoint(answer_args(approver::approve)))
         .branch(case![C::Reject(args)].endpoint(answer_args(approver::reject)))
         .branch(case![C::Pause].endpoint(answer(admin::pause)))
@@ -193,6 +196,10 @@ async fn admitted(msg: &Message, state: &BotState) -> anyhow::Result<Option<Call
     }
     let command = match parsed {
         Ok(command) => command,
+        // A reply to one of our questions is its answer.
+        Err(_) if let Some(question) = replied_question(state, msg).await? => {
+            Command::Answer(format!("{question} {text}"))
+        }
         Err(error) => {
             reply(state, chat, &misunderstood(text, error)).await?;
             return Ok(None);
@@ -205,6 +212,17 @@ async fn admitted(msg: &Message, state: &BotState) -> anyhow::Result<Option<Call
         private,
         command,
     }))
+}
+
+/// The question a message replies to, when it replies to one of our question messages.
+async fn replied_question(state: &BotState, msg: &Message) -> anyhow::Result<Option<i64>> {
+    let Some(replied) = msg.reply_to_message() else {
+        return Ok(None);
+    };
+    if !replied.from.as_ref().is_some_and(|f| f.is_bot) {
+        return Ok(None);
+    }
+    Ok(notify::question_of_message(&state.pool, msg.chat.id.0, replied.id.0).await?)
 }
 
 /// The role check: a caller below the command's role is told which role it needs.

@@ -11,6 +11,7 @@ use crate::engine::missions;
 use crate::engine::notify::{cut, escape};
 use crate::engine::proposals::{self, NewProposal, ProposalStatus};
 use crate::interfaces::bot::access::Pace;
+use crate::interfaces::bot::answers;
 use crate::interfaces::bot::{BotState, SLOW_DOWN};
 
 /// `/propose TEMPLATE key=value …`: the same entry point as the CLI and HTTP. Only a
@@ -93,4 +94,22 @@ pub async fn cancel(state: Arc<BotState>, caller: Caller, args: String) -> OpsRe
     let id = parse_id(first(&args, "mission")?, "mission")?;
     missions::cancel(&state.pool, id, &caller.actor(), Source::Telegram.as_str()).await?;
     Ok(format!("⏹ mission #{id} cancelled"))
+}
+
+/// `/answer ID text` (and a reply to a question's message): the rest of the line is
+/// the answer.
+pub async fn answer(state: Arc<BotState>, caller: Caller, args: String) -> OpsResult<String> {
+    let args = args.trim_start();
+    let (id, text) = args.split_once(char::is_whitespace).unwrap_or((args, ""));
+    if id.is_empty() {
+        return Err(OpsError::bad_input("Usage: /answer ID text, e.g. /answer 5 publish"));
+    }
+    let id = parse_id(id, "question")?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(OpsError::bad_input(format!(
+            "What is your answer? /answer {id} TEXT"
+        )));
+    }
+    answers::answer(&state, &caller.user, &caller.actor(), id, text).await
 }

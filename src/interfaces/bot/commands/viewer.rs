@@ -9,7 +9,8 @@ use super::{Caller, Command, first};
 use crate::domain::error::OpsResult;
 use crate::domain::input::parse_id;
 use crate::engine::notify::{escape, render};
-use crate::engine::{missions, proposals, status as summary};
+use crate::engine::{missions, proposals, questions, status as summary};
+use crate::store::outbox;
 use crate::interfaces::bot::BotState;
 use crate::interfaces::bot::access;
 use crate::store::users;
@@ -31,10 +32,25 @@ pub async fn help(_: Arc<BotState>, _: Caller) -> OpsResult<String> {
     Ok(escape(&Command::descriptions().to_string()))
 }
 
-pub async fn pending(state: Arc<BotState>, _: Caller) -> OpsResult<String> {
+pub async fn pending(state: Arc<BotState>, caller: Caller) -> OpsResult<String> {
     let pending = proposals::pending(&state.pool).await?;
+    let open = questions::open(&state.pool).await?;
+    let asked = if open.is_empty() {
+        String::new()
+    } else {
+        // Each open question follows as a message of its own, with its buttons.
+        let ids: Vec<i64> = open.iter().take(10).map(|q| q.id).collect();
+        let mut conn = state.pool.acquire().await?;
+        outbox::enqueue_question_copies(&mut conn, caller.chat, &ids).await?;
+        format!(
+            "\n❓ {} open question{} (below, with {})",
+            open.len(),
+            if open.len() == 1 { "" } else { "s" },
+            if open.len() > 10 { "the oldest 10" } else { "their buttons" }
+        )
+    };
     if pending.is_empty() {
-        return Ok("Nothing is waiting for a decision.".to_string());
+        return Ok(format!("Nothing is waiting for a decision.{asked}"));
     }
     let lines: Vec<String> = pending
         .iter()
@@ -53,7 +69,7 @@ pub async fn pending(state: Arc<BotState>, _: Caller) -> OpsResult<String> {
         })
         .collect();
     Ok(format!(
-        "⏳ <b>Waiting for a decision</b>\n{}",
+        "⏳ <b>Waiting for a decision</b>\n{}{asked}",
         lines.join("\n")
     ))
 }
@@ -69,7 +85,7 @@ pub async fn status(state: Arc<BotState>, _: Caller) -> OpsResult<String> {
         }
     };
     Ok(format!(
-        "<b>opsloop</b> {}\nproposals: {}\nmissions: {}\nsteps: {}\ndead letters: {}\nworkers: {}\npending approvals: {}",
+        "<b>opsloop</b> {}\nproposals: {}\nmissions: {}\nsteps: {}\ndead letters: {}\nworkers: {}\npending approvals: {}\nopen questions: {}",
         if s.paused {
             "⏸ paused"
         } else {
@@ -80,7 +96,8 @@ pub async fn status(state: Arc<BotState>, _: Caller) -> OpsResult<String> {
         counts(&s.steps),
         s.dead_letters,
         s.workers.len(),
-        s.pending_approvals.len()
+        s.pending_approvals.len(),
+        s.open_questions
     ))
 }
 
