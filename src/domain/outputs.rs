@@ -27,8 +27,12 @@ pub fn parse_output(bytes: &[u8]) -> Result<Map<String, Value>, String> {
             bytes.len()
         ));
     }
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| format!("the output file is not UTF-8 text (byte {})", e.valid_up_to()))?;
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        format!(
+            "the output file is not UTF-8 text (byte {})",
+            e.valid_up_to()
+        )
+    })?;
     if text.contains('\0') {
         return Err("the output file contains a NUL character".into());
     }
@@ -114,8 +118,7 @@ pub fn split_ref<'a>(inner: &'a str, names: &[&str]) -> Option<(&'a str, &'a str
     let rest = inner.strip_prefix(REF_PREFIX)?;
     rest.match_indices('.')
         .map(|(i, _)| (&rest[..i], &rest[i + 1..]))
-        .filter(|(name, key)| !key.is_empty() && names.contains(name))
-        .last()
+        .rfind(|(name, key)| !key.is_empty() && names.contains(name))
 }
 
 /// The value a reference stands for, or why there is none.
@@ -167,7 +170,9 @@ impl Progress {
     /// at most 100; any other line, `::progress` ones included, is not progress.
     pub fn parse(line: &str) -> Option<Progress> {
         let rest = line.strip_prefix("::progress")?;
-        let rest = rest.strip_prefix([' ', '\t'])?.trim_start_matches([' ', '\t']);
+        let rest = rest
+            .strip_prefix([' ', '\t'])?
+            .trim_start_matches([' ', '\t']);
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if !(1..=3).contains(&digits) {
             return None;
@@ -213,7 +218,10 @@ mod tests {
             assert_eq!(Progress::parse(bad), None, "{bad}");
         }
         let long = format!("::progress 5 {}", "é".repeat(500));
-        assert_eq!(Progress::parse(&long).unwrap().text.chars().count(), PROGRESS_TEXT);
+        assert_eq!(
+            Progress::parse(&long).unwrap().text.chars().count(),
+            PROGRESS_TEXT
+        );
         assert_eq!(Progress::parse("::progress 5 a\u{0}b").unwrap().text, "a b");
     }
 
@@ -266,7 +274,10 @@ mod tests {
                 v.iter().map(|s| s.to_string()).collect(),
             )]))
         };
-        assert!(c("steps.draft v1.n", &["7"]).holds(&outputs), "7 matches \"7\"");
+        assert!(
+            c("steps.draft v1.n", &["7"]).holds(&outputs),
+            "7 matches \"7\""
+        );
         assert!(c("steps.draft v1.title", &["X", "T"]).holds(&outputs));
         assert!(!c("steps.draft v1.title", &["X"]).holds(&outputs));
         assert!(

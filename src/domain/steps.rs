@@ -143,7 +143,9 @@ impl StepSpec {
         self.map_strings(|s| {
             substitute_with(s, keep, |name| {
                 if keep {
-                    params.get(name).map(|v| v.replace('{', "{{").replace('}', "}}"))
+                    params
+                        .get(name)
+                        .map(|v| v.replace('{', "{{").replace('}', "}}"))
                 } else {
                     params.get(name).cloned()
                 }

@@ -126,8 +126,7 @@ async fn recover_leases(pool: &PgPool, policy: &Policy) -> OpsResult<(u64, u64)>
         };
         steps::recover_expired(&mut tx, step.id, next, &error).await?;
         // What the lost attempt asked (`opsloop ask`) ends with it.
-        questions::cancel_of_attempt_in(&mut tx, step.mission_id, step.id, step.attempts)
-            .await?;
+        questions::cancel_of_attempt_in(&mut tx, step.mission_id, step.id, step.attempts).await?;
         match next {
             StepStatus::Queued => {
                 recovered += 1;

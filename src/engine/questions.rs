@@ -19,8 +19,8 @@ use crate::domain::policy::anchored_regex as regex_for;
 use crate::domain::vocab::{Audience, EventKind, QuestionStatus, Source};
 use crate::engine::missions::progress;
 use crate::store::events::{self, NewEvent};
-use crate::store::questions::{self as store, Insert};
 pub use crate::store::questions::Question;
+use crate::store::questions::{self as store, Insert};
 use crate::store::steps;
 
 /// Answers are short: a choice, or a line or a paragraph of text.
@@ -356,7 +356,15 @@ pub async fn cancel_of_mission(
 ) -> OpsResult<u64> {
     let ids = store::cancel_of_mission(conn, mission_id).await?;
     for id in &ids {
-        cancelled(conn, *id, Some(mission_id), None, source, "the mission was cancelled").await?;
+        cancelled(
+            conn,
+            *id,
+            Some(mission_id),
+            None,
+            source,
+            "the mission was cancelled",
+        )
+        .await?;
     }
     Ok(ids.len() as u64)
 }
@@ -386,7 +394,15 @@ pub async fn cancel_of_attempt_in(
     for id in &ids {
         if store::cancel(conn, *id).await? {
             let why = "the step that asked it stopped";
-            cancelled(conn, *id, Some(mission_id), Some(step_id), Source::Worker, why).await?;
+            cancelled(
+                conn,
+                *id,
+                Some(mission_id),
+                Some(step_id),
+                Source::Worker,
+                why,
+            )
+            .await?;
             n += 1;
         }
     }

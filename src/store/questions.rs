@@ -44,7 +44,8 @@ pub struct Question {
     pub created_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = "id, mission_id, step_id, attempt, asked_by, question, choices, pattern, help,
+const COLUMNS: &str =
+    "id, mission_id, step_id, attempt, asked_by, question, choices, pattern, help,
      audience, default_answer, expires_at, status, answer, answered_by, answered_at, created_at";
 
 /// A question to store.
@@ -91,12 +92,12 @@ pub async fn insert(conn: &mut PgConnection, q: &Insert<'_>) -> OpsResult<i64> {
 }
 
 pub async fn get(pool: &PgPool, id: i64) -> OpsResult<Option<Question>> {
-    Ok(
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM ops_questions WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(pool)
-            .await?,
-    )
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM ops_questions WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?)
 }
 
 /// A question locked until the caller's transaction ends (the answer's first read).

@@ -383,7 +383,11 @@ fn message_json(st: &St, chat_id: i64, s: &Sent) -> Value {
     let mut v = json!({"message_id": s.message_id, "from": from, "date": s.date, "text": s.text,
         "chat": chat_json(&chat, st.users.get(&chat_id))});
     // Telegram shows only inline keyboards in a message (not force_reply).
-    if let Some(m) = s.reply_markup.as_ref().filter(|m| m.get("inline_keyboard").is_some()) {
+    if let Some(m) = s
+        .reply_markup
+        .as_ref()
+        .filter(|m| m.get("inline_keyboard").is_some())
+    {
         v["reply_markup"] = m.clone();
     }
     if s.edits > 0 {

@@ -201,7 +201,14 @@ fn steps(
                 earlier: &earlier,
                 all: &all,
             };
-            step(ctx, item, &format!("{path}[{i}]"), params, &mut names, &steps)
+            step(
+                ctx,
+                item,
+                &format!("{path}[{i}]"),
+                params,
+                &mut names,
+                &steps,
+            )
         })
         .collect()
 }
@@ -230,7 +237,11 @@ impl Steps<'_> {
                 if rest.contains('.') {
                     format!(
                         "step {own} refers to {{{inner}}}: no earlier step has that name (steps before it: {})",
-                        if self.earlier.is_empty() { "none".to_string() } else { self.earlier.join(", ") }
+                        if self.earlier.is_empty() {
+                            "none".to_string()
+                        } else {
+                            self.earlier.join(", ")
+                        }
                     )
                 } else {
                     format!("step {own}: {{{inner}}} needs the form {{steps.NAME.KEY}}")
@@ -357,19 +368,22 @@ fn step(
 }
 
 /// `when = { "steps.NAME.KEY" = value | [values] }`; values compare as text.
-fn condition(
-    ctx: &mut Ctx,
-    v: &Val,
-    path: &str,
-    steps: &Steps,
-    own: &str,
-) -> Option<Condition> {
+fn condition(ctx: &mut Ctx, v: &Val, path: &str, steps: &Steps, own: &str) -> Option<Condition> {
     let Some(table) = v.get_ref().as_table() else {
-        read::type_error(ctx, v, path, "a table like { \"steps.NAME.KEY\" = \"value\" }");
+        read::type_error(
+            ctx,
+            v,
+            path,
+            "a table like { \"steps.NAME.KEY\" = \"value\" }",
+        );
         return None;
     };
     if table.is_empty() {
-        ctx.problem(&v.span(), path, "when needs at least one \"steps.NAME.KEY\" = value");
+        ctx.problem(
+            &v.span(),
+            path,
+            "when needs at least one \"steps.NAME.KEY\" = value",
+        );
         return None;
     }
     let mut out = BTreeMap::new();
@@ -452,9 +466,11 @@ fn ask(ctx: &mut Ctx, f: &Fields) -> Option<StepSpec> {
         }
     }
     match (f.get("choices"), f.get("reply")) {
-        (Some(_), Some(rv)) => {
-            ctx.problem(&rv.span(), &f.path("reply"), "set choices or reply, not both")
-        }
+        (Some(_), Some(rv)) => ctx.problem(
+            &rv.span(),
+            &f.path("reply"),
+            "set choices or reply, not both",
+        ),
         (None, None) => ctx.problem(
             &f.span,
             &f.path("choices"),

@@ -49,7 +49,7 @@ pub enum Ending {
     Skipped,
     /// An ask step: its question goes out and the step waits, holding nothing.
     Asking {
-        question: NewQuestion,
+        question: Box<NewQuestion>,
     },
 }
 
@@ -102,12 +102,26 @@ pub async fn finish_batch(
                 Ending::Failed { result, .. } | Ending::Succeeded { result, .. }
                     if stopped.contains(&lease.step_id) =>
                 {
-                    row(cancelled, result, Some("cancelled"), Duration::ZERO, None, false)
+                    row(
+                        cancelled,
+                        result,
+                        Some("cancelled"),
+                        Duration::ZERO,
+                        None,
+                        false,
+                    )
                 }
                 Ending::FailedForGood { .. } | Ending::Asking { .. } | Ending::Skipped
                     if stopped.contains(&lease.step_id) =>
                 {
-                    row(cancelled, &empty, Some("cancelled"), Duration::ZERO, None, false)
+                    row(
+                        cancelled,
+                        &empty,
+                        Some("cancelled"),
+                        Duration::ZERO,
+                        None,
+                        false,
+                    )
                 }
                 Ending::Succeeded { result, output } => row(
                     StepStatus::Succeeded,
@@ -117,14 +131,26 @@ pub async fn finish_batch(
                     Some(output),
                     false,
                 ),
-                Ending::Cancelled { result } => {
-                    row(cancelled, result, Some("cancelled"), Duration::ZERO, None, false)
-                }
+                Ending::Cancelled { result } => row(
+                    cancelled,
+                    result,
+                    Some("cancelled"),
+                    Duration::ZERO,
+                    None,
+                    false,
+                ),
                 Ending::Failed {
                     error,
                     result,
                     retry_in,
-                } => row(StepStatus::Failed, result, Some(error.as_str()), *retry_in, None, false),
+                } => row(
+                    StepStatus::Failed,
+                    result,
+                    Some(error.as_str()),
+                    *retry_in,
+                    None,
+                    false,
+                ),
                 Ending::FailedForGood { error } => row(
                     StepStatus::Failed,
                     &empty,
@@ -133,10 +159,22 @@ pub async fn finish_batch(
                     None,
                     true,
                 ),
-                Ending::Skipped => row(StepStatus::Skipped, &empty, None, Duration::ZERO, None, false),
-                Ending::Asking { .. } => {
-                    row(StepStatus::Asking, &empty, None, Duration::ZERO, None, false)
-                }
+                Ending::Skipped => row(
+                    StepStatus::Skipped,
+                    &empty,
+                    None,
+                    Duration::ZERO,
+                    None,
+                    false,
+                ),
+                Ending::Asking { .. } => row(
+                    StepStatus::Asking,
+                    &empty,
+                    None,
+                    Duration::ZERO,
+                    None,
+                    false,
+                ),
             }
         })
         .collect();

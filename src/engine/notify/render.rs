@@ -9,8 +9,8 @@ use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup};
 use super::{cut, escape, pages};
 use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::vocab::{EventKind, QuestionStatus};
-use crate::engine::{missions, questions};
 use crate::engine::proposals::{self, ProposalStatus};
+use crate::engine::{missions, questions};
 
 /// A message ready to send: text and, for open prompts, the buttons.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,17 +160,22 @@ pub async fn question(pool: &PgPool, id: i64) -> OpsResult<Rendered> {
                 .unwrap_or_default()
         ));
     }
-    text.push_str(&format!("
+    text.push_str(&format!(
+        "
 {}
-", escape(&cut(&q.question, 1500))));
+",
+        escape(&cut(&q.question, 1500))
+    ));
     let choices = q.choice_list();
     let when = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M UTC").to_string();
     let open = q.status == QuestionStatus::Open;
     match q.status {
         QuestionStatus::Open => {
             if choices.is_empty() {
-                text.push_str("
-↩️ Reply to this message with your answer");
+                text.push_str(
+                    "
+↩️ Reply to this message with your answer",
+                );
                 if let Some(h) = &q.help {
                     text.push_str(&format!(" ({})", escape(&cut(h, 300))));
                 }
@@ -181,8 +186,11 @@ pub async fn question(pool: &PgPool, id: i64) -> OpsResult<Rendered> {
                     Some(d) => format!("the answer is {}", escape(&cut(d, 64))),
                     None => "it expires".to_string(),
                 };
-                text.push_str(&format!("
-⏳ at {} {then}", when(e)));
+                text.push_str(&format!(
+                    "
+⏳ at {} {then}",
+                    when(e)
+                ));
             }
         }
         QuestionStatus::Answered => text.push_str(&format!(
@@ -205,7 +213,10 @@ pub async fn question(pool: &PgPool, id: i64) -> OpsResult<Rendered> {
     }
     let buttons = (open && !choices.is_empty()).then(|| {
         InlineKeyboardMarkup::new(choices.iter().enumerate().map(|(i, c)| {
-            [InlineKeyboardButton::callback(cut(c, 64), answer_data(q.id, i))]
+            [InlineKeyboardButton::callback(
+                cut(c, 64),
+                answer_data(q.id, i),
+            )]
         }))
     });
     Ok(Rendered {
@@ -255,7 +266,10 @@ pub async fn mission(pool: &PgPool, mission_id: i64) -> OpsResult<Rendered> {
             text.push_str(&format!(
                 " · {}% {}",
                 p.get("percent").and_then(Value::as_u64).unwrap_or(0),
-                escape(&cut(p.get("text").and_then(Value::as_str).unwrap_or(""), 200))
+                escape(&cut(
+                    p.get("text").and_then(Value::as_str).unwrap_or(""),
+                    200
+                ))
             ));
         }
         // A short output is worth a glance; a long one is in `mission ID`.

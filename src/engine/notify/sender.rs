@@ -322,9 +322,9 @@ impl Sender {
         if let Some(buttons) = rendered.buttons {
             send = send.reply_markup(buttons);
         } else if rendered.force_reply {
-            send = send.reply_markup(ForceReply::new().input_field_placeholder(Some(
-                "Your answer".to_string(),
-            )));
+            send = send.reply_markup(
+                ForceReply::new().input_field_placeholder(Some("Your answer".to_string())),
+            );
         }
         match send.await {
             Ok(message) => Delivery::Sent(Some(message.id.0)),

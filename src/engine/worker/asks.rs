@@ -304,7 +304,9 @@ impl Serve {
             default: req.default,
             ..NewQuestion::default()
         };
-        question.validate().map_err(|e| Reply::refused(2, e.to_string()))?;
+        question
+            .validate()
+            .map_err(|e| Reply::refused(2, e.to_string()))?;
         let asked = async {
             let mut tx = self.pool.begin().await?;
             if !steps::lock_running(&mut tx, grant.step_id, &self.owner, grant.attempt).await? {
@@ -332,13 +334,9 @@ impl Serve {
 
     /// The asker went away or its attempt ended: its open questions are cancelled.
     async fn abandon(&self, grant: &Grant) {
-        if let Err(e) = questions::cancel_of_attempt(
-            &self.pool,
-            grant.mission_id,
-            grant.step_id,
-            grant.attempt,
-        )
-        .await
+        if let Err(e) =
+            questions::cancel_of_attempt(&self.pool, grant.mission_id, grant.step_id, grant.attempt)
+                .await
         {
             warn!(error = %e, "cannot cancel an ended attempt's questions");
         }

@@ -29,14 +29,14 @@ use crate::db::channels;
 use crate::domain::outputs::{Condition, Outputs, Progress};
 use crate::domain::policy::Policy;
 use crate::domain::steps::StepSpec;
-use crate::engine::questions::NewQuestion;
-use asks::AskServer;
 use crate::engine::executors::{self, Executors, Outcome, StepContext};
 use crate::engine::missions::progress::{Ending, Lease};
+use crate::engine::questions::NewQuestion;
 use crate::engine::telemetry;
 use crate::store::policy::PolicyCache;
 use crate::store::steps::{self, Claimed};
 use crate::store::workers;
+use asks::AskServer;
 
 /// How long running steps may take to finish after SIGTERM before they are released.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -119,11 +119,7 @@ impl Worker {
 
     /// Run until `shutdown`, then let running steps finish within `grace` and give the
     /// rest back to the queue.
-    pub async fn run(
-        mut self,
-        shutdown: CancellationToken,
-        grace: Duration,
-    ) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: CancellationToken, grace: Duration) -> anyhow::Result<()> {
         workers::register(&self.pool, &self.id, &hostname(), self.concurrency).await?;
         let pause_after_failures = self.policy.get().await.gates.pause_after_failures;
         match AskServer::start(self.pool.clone(), self.id.clone(), pause_after_failures) {
@@ -525,7 +521,7 @@ fn prepare(step: &Claimed) -> Result<StepSpec, Ending> {
     } = spec
     {
         return Err(Ending::Asking {
-            question: NewQuestion {
+            question: Box::new(NewQuestion {
                 mission_id: Some(step.mission_id),
                 step_id: Some(step.id),
                 attempt: None,
@@ -537,7 +533,7 @@ fn prepare(step: &Claimed) -> Result<StepSpec, Ending> {
                 audience: Some(to),
                 default,
                 timeout: timeout_ms.map(Duration::from_millis),
-            },
+            }),
         });
     }
     Ok(spec)

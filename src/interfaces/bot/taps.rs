@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use teloxide::prelude::*;
 
-use super::{access, answers};
 use super::{BotState, HandlerResult};
+use super::{access, answers};
 use crate::domain::error::OpsError;
 use crate::domain::vocab::Source;
 use crate::engine::approvals::{self, Decision};

@@ -216,11 +216,7 @@ async fn answer(pool: &PgPool, id: &str, value: &str, actor: Option<String>) -> 
     let id = parse_id(id, "question")?;
     let by = whoami(actor)?;
     let answered = questions::answer(pool, id, value, &by, Source::Cli).await?;
-    println!(
-        "question #{} answered: {}",
-        answered.id,
-        answered.answer
-    );
+    println!("question #{} answered: {}", answered.id, answered.answer);
     Ok(0)
 }
 

@@ -132,7 +132,11 @@ pub fn mission(v: &MissionView) {
                 p.get("text").and_then(|t| t.as_str()).unwrap_or("")
             );
         }
-        if let Some(o) = s.output.as_ref().filter(|o| o.as_object().is_some_and(|m| !m.is_empty())) {
+        if let Some(o) = s
+            .output
+            .as_ref()
+            .filter(|o| o.as_object().is_some_and(|m| !m.is_empty()))
+        {
             let text = o.to_string();
             let shown: String = text.chars().take(300).collect();
             let more = if shown.len() < text.len() { " …" } else { "" };
@@ -156,7 +160,10 @@ pub fn questions(list: &[crate::engine::questions::Question]) {
             .map(|m| format!(" (mission #{m})"))
             .unwrap_or_default();
         println!("question #{}{mission}: {}", q.id, q.question);
-        println!("   answers: {allowed}; answer with `opsloop answer {} VALUE`", q.id);
+        println!(
+            "   answers: {allowed}; answer with `opsloop answer {} VALUE`",
+            q.id
+        );
     }
 }
 

@@ -225,8 +225,7 @@ pub(super) async fn question(
     query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let id = path_id(&raw, "question")?;
-    let Query(query) =
-        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let wait = match query.wait.as_deref() {
         None => Duration::ZERO,
         Some(w) => humantime::parse_duration(w)

@@ -102,7 +102,9 @@ pub async fn answer(state: Arc<BotState>, caller: Caller, args: String) -> OpsRe
     let args = args.trim_start();
     let (id, text) = args.split_once(char::is_whitespace).unwrap_or((args, ""));
     if id.is_empty() {
-        return Err(OpsError::bad_input("Usage: /answer ID text, e.g. /answer 5 publish"));
+        return Err(OpsError::bad_input(
+            "Usage: /answer ID text, e.g. /answer 5 publish",
+        ));
     }
     let id = parse_id(id, "question")?;
     let text = text.trim();

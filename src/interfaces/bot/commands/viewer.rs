@@ -10,9 +10,9 @@ use crate::domain::error::OpsResult;
 use crate::domain::input::parse_id;
 use crate::engine::notify::{escape, render};
 use crate::engine::{missions, proposals, questions, status as summary};
-use crate::store::outbox;
 use crate::interfaces::bot::BotState;
 use crate::interfaces::bot::access;
+use crate::store::outbox;
 use crate::store::users;
 
 pub async fn start(_: Arc<BotState>, caller: Caller) -> OpsResult<String> {
@@ -46,7 +46,11 @@ pub async fn pending(state: Arc<BotState>, caller: Caller) -> OpsResult<String> 
             "\n❓ {} open question{} (below, with {})",
             open.len(),
             if open.len() == 1 { "" } else { "s" },
-            if open.len() > 10 { "the oldest 10" } else { "their buttons" }
+            if open.len() > 10 {
+                "the oldest 10"
+            } else {
+                "their buttons"
+            }
         )
     };
     if pending.is_empty() {
