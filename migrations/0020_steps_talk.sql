@@ -93,3 +93,8 @@ END $$;
 CREATE TRIGGER ops_agent_events_questions AFTER INSERT ON ops_agent_events
     REFERENCING NEW TABLE AS new_events
     FOR EACH STATEMENT EXECUTE FUNCTION ops_enqueue_question_notifications();
+
+-- `[approval] remind`: one reminder (a new message, which rings) per pending proposal
+-- and per open question, after that long.
+ALTER TABLE ops_mission_proposals ADD COLUMN reminded_at timestamptz;
+ALTER TABLE ops_questions ADD COLUMN reminded_at timestamptz;

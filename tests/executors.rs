@@ -587,3 +587,65 @@ fn backoff_grows_and_caps() {
     let samples: Vec<Duration> = (0..50).map(|_| backoff_delay(3, base, max)).collect();
     assert!(samples.iter().any(|d| *d != samples[0]), "no jitter");
 }
+
+#[tokio::test]
+async fn shell_output_files_are_checked() {
+    let cases = [
+        (
+            "printf 'a=1\\nb=x=y\\n' > \"$OPSLOOP_OUTPUT\"",
+            Ok(serde_json::json!({"a": "1", "b": "x=y"})),
+        ),
+        (
+            "echo '{\"n\": 7}' > \"$OPSLOOP_OUTPUT\"",
+            Ok(serde_json::json!({"n": 7})),
+        ),
+        ("true", Ok(serde_json::json!({}))),
+        (
+            "head -c 70000 /dev/zero | tr '\\0' a > \"$OPSLOOP_OUTPUT\"",
+            Err("more than 65536"),
+        ),
+        (
+            "head -c 100 /dev/urandom > \"$OPSLOOP_OUTPUT\"; printf '\\377' >> \"$OPSLOOP_OUTPUT\"",
+            Err(""),
+        ),
+        ("echo '[1]' > \"$OPSLOOP_OUTPUT\"", Err("JSON array")),
+        (
+            "printf 'x' | head -c 1 > /dev/null; awk 'BEGIN{for(i=0;i<10000;i++) printf \"[\"}' > \"$OPSLOOP_OUTPUT\"",
+            Err(""),
+        ),
+        (
+            "echo 'not a pair' > \"$OPSLOOP_OUTPUT\"",
+            Err("not key=value"),
+        ),
+        ("rm \"$OPSLOOP_OUTPUT\"", Err("cannot read the output file")),
+    ];
+    for (script, want) in cases {
+        let out = exec(&shell(&["sh", "-c", script], Some(20_000)), &ctx()).await;
+        match (want, out) {
+            (Ok(expected), Outcome::Succeeded { output, .. }) => {
+                assert_eq!(output, expected, "{script}")
+            }
+            (Err(why), Outcome::Failed { error, .. }) => {
+                assert!(error.contains(why), "{script}: {error}")
+            }
+            (want, other) => panic!("{script}: wanted {want:?}, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn progress_lines_keep_only_the_latest_and_ignore_the_malformed() {
+    let (sender, receiver) = tokio::sync::watch::channel(None);
+    let mut c = ctx();
+    c.progress = Some(std::sync::Arc::new(sender));
+    let script = "i=0; while [ $i -lt 3000 ]; do echo \"::progress $((i % 100)) line $i\"; i=$((i+1)); done; \
+                  echo '::progress 100 done'; echo '::progress 101 too much'; echo '::progressx 5 y'; echo 'plain'";
+    let out = exec(&shell(&["sh", "-c", script], Some(30_000)), &c).await;
+    assert!(matches!(out, Outcome::Succeeded { .. }), "{out:?}");
+    let last = receiver.borrow().clone().expect("progress");
+    assert_eq!((last.percent, last.text.as_str()), (100, "done"));
+    let Outcome::Succeeded { result, .. } = out else {
+        unreachable!()
+    };
+    assert!(result["stdout"].as_str().unwrap_or("").ends_with("plain\n"));
+}

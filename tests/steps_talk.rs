@@ -34,6 +34,10 @@ steps = [
   {{ name = "never", kind = "noop", when = {{ "steps.draft.n" = ["1", "2"] }} }},
 ]
 
+[templates.chatty]
+risk = "low"
+steps = [ {{ name = "c", kind = "shell", run = ["sh", "-c", "i=0; while [ $i -lt 3000 ]; do echo \"::progress $((i % 100)) step $i\"; i=$((i+1)); done; echo '::progress 100 done'; echo '::progress 7x'"] }} ]
+
 [templates.badout]
 risk = "low"
 steps = [ {{ name = "x", kind = "shell", max_attempts = 1, run = ["sh", "-c", "echo '[1,2]' > \"$OPSLOOP_OUTPUT\""] }} ]
@@ -251,6 +255,20 @@ async fn outputs_flow_into_later_steps_and_conditions_skip_or_run() {
         "{}",
         stdout(&opsloop(&w.db.url, &["events", "--json"]))
     );
+
+    // Thousands of progress lines a second: the latest is kept, a few events written.
+    let chatty = w.propose("chatty");
+    let m = w.wait_status(chatty, "succeeded").await;
+    assert_eq!(m["steps"][0]["progress"]["percent"], 100, "{m}");
+    assert_eq!(m["steps"][0]["progress"]["text"], "done");
+    let written: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM ops_agent_events WHERE mission_id = $1 AND kind = 'step.progress'",
+    )
+    .bind(chatty)
+    .fetch_one(&w.db.pool)
+    .await
+    .expect("count");
+    assert!((1..=3).contains(&written), "{written} progress events");
 
     // An output that is not an object fails the attempt, saying why.
     let bad = w.propose("badout");

@@ -186,6 +186,38 @@ impl StepSpec {
         self.map_strings(|s| substitute_str(s, |_| None))
     }
 
+    /// What the step will run, in one line for a person deciding: a shell step's argv,
+    /// an http step's method and URL, an ask step's question.
+    pub fn summary(&self) -> String {
+        let shown = self.display();
+        match &shown {
+            StepSpec::Shell { run, .. } => run
+                .iter()
+                .map(|a| {
+                    if a.is_empty() || a.contains(char::is_whitespace) || a.contains('"') {
+                        format!("{a:?}")
+                    } else {
+                        a.clone()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+            StepSpec::Http { method, url, .. } => format!("{method} {url}"),
+            StepSpec::Sleep { for_ms } => format!("{}s", *for_ms as f64 / 1000.0),
+            StepSpec::Noop => String::new(),
+            StepSpec::Emit { event, .. } => event.clone(),
+            StepSpec::Ask {
+                question, choices, ..
+            } => {
+                if choices.is_empty() {
+                    question.clone()
+                } else {
+                    format!("{question} [{}]", choices.join(" | "))
+                }
+            }
+        }
+    }
+
     /// Every `{steps.NAME.KEY}` this spec refers to (the placeholder's inside).
     pub fn references(&self) -> Vec<String> {
         let mut all = Vec::new();

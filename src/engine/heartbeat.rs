@@ -1,6 +1,6 @@
 //! The heartbeat tick (design §5): due triggers → unprocessed events through the
 //! reactions → expired leases recovered → pending proposals expired → questions past
-//! their timeout settled → missions finalized → one `ops_action_runs` row. One tick at a time across all hosts: a
+//! their timeout settled → reminders due → missions finalized → one `ops_action_runs` row. One tick at a time across all hosts: a
 //! session advisory lock taken for the tick on a connection of its own
 //! (`db::singleton`), released when the tick ends or the holder dies. The tick checks
 //! it still holds the lock before each phase, and stops at the first phase it does not.
@@ -39,6 +39,8 @@ pub struct TickSummary {
     pub proposals_expired: u64,
     /// Questions past their timeout: answered by their default, or expired.
     pub questions_settled: u64,
+    /// Reminder messages queued (`[approval] remind`).
+    pub reminders: u64,
     pub missions_finalized: u64,
     pub deleted: retention::Deleted,
     pub duration_ms: u64,
@@ -98,6 +100,10 @@ async fn phases(pool: &PgPool, policy: &Policy, held: &Held) -> OpsResult<TickSu
     s.proposals_expired = expire_proposals(pool).await?;
     still_holding(held, "question timeouts").await?;
     s.questions_settled = settle_questions(pool, policy).await?;
+    if let Some(after) = policy.approval.remind {
+        still_holding(held, "reminders").await?;
+        s.reminders = remind(pool, after).await?;
+    }
     still_holding(held, "finalization").await?;
     s.missions_finalized = finalize_missions(pool).await?;
     still_holding(held, "retention").await?;
@@ -174,6 +180,30 @@ async fn expire_proposals(pool: &PgPool) -> OpsResult<u64> {
     }
     tx.commit().await?;
     Ok(due.len() as u64)
+}
+
+/// One reminder per pending proposal and per open question, once they are `after` old.
+async fn remind(pool: &PgPool, after: std::time::Duration) -> OpsResult<u64> {
+    let mut tx = pool.begin().await?;
+    let mut subjects: Vec<String> =
+        crate::store::proposals::take_due_reminders(&mut tx, after, 100)
+            .await?
+            .into_iter()
+            .map(|id| format!("proposal:{id}"))
+            .collect();
+    subjects.extend(
+        crate::store::questions::take_due_reminders(&mut tx, after, 100)
+            .await?
+            .into_iter()
+            .map(|id| format!("question:{id}")),
+    );
+    let n = if subjects.is_empty() {
+        0
+    } else {
+        crate::store::outbox::enqueue_reminders(&mut tx, &subjects).await?
+    };
+    tx.commit().await?;
+    Ok(n)
 }
 
 async fn settle_questions(pool: &PgPool, policy: &Policy) -> OpsResult<u64> {

@@ -249,6 +249,16 @@ pub struct ProposalView {
     pub decided_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
     pub mission_id: Option<i64>,
+    /// The steps the mission will run, params substituted (`Vec<PlannedStep>`).
+    #[serde(skip)]
+    pub plan: Value,
+}
+
+impl ProposalView {
+    /// The plan's steps; an unreadable plan shows as none.
+    pub fn planned_steps(&self) -> Vec<PlannedStep> {
+        serde_json::from_value(self.plan.clone()).unwrap_or_default()
+    }
 }
 
 const VIEW: &str = "SELECT p.id, p.template, p.params, p.risk, p.proposed_by, p.source, p.status, p.reason,
@@ -257,7 +267,8 @@ const VIEW: &str = "SELECT p.id, p.template, p.params, p.risk, p.proposed_by, p.
             coalesce((SELECT array_agg(a.actor ORDER BY a.id) FROM ops_proposal_approvals a
                       WHERE a.proposal_id = p.id AND a.decision = 'approve'), '{}') AS approvers,
             p.decided_by, p.created_at, p.decided_at, p.expires_at,
-            (SELECT m.id FROM ops_missions m WHERE m.proposal_id = p.id) AS mission_id
+            (SELECT m.id FROM ops_missions m WHERE m.proposal_id = p.id) AS mission_id,
+            p.plan
      FROM ops_mission_proposals p";
 
 pub async fn get(pool: &PgPool, id: i64) -> OpsResult<ProposalView> {

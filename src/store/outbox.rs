@@ -155,6 +155,26 @@ pub async fn enqueue_question_copies(
     Ok(())
 }
 
+/// Queue a new copy of each of these prompts or questions (`subjects`, e.g.
+/// `proposal:12`) in every chat that was sent it: a reminder, which rings where an edit
+/// would not. Later edits reach the copies too.
+pub async fn enqueue_reminders(conn: &mut PgConnection, subjects: &[String]) -> OpsResult<u64> {
+    let n = sqlx::query(
+        "WITH n AS (
+            INSERT INTO ops_notifications (chat_id, subject, action, body)
+            SELECT DISTINCT chat_id, subject, action, '{\"copy\": true}'::jsonb FROM ops_notifications
+            WHERE subject = ANY($1) AND action IN ('prompt', 'question')
+            RETURNING id)
+         SELECT pg_notify($2, '') FROM n",
+    )
+    .bind(subjects)
+    .bind(channels::OUTBOX)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(n)
+}
+
 /// Each chat's oldest pending row (at most `limit` chats): only it may be sent, so
 /// order per chat holds.
 pub async fn heads(pool: &PgPool, limit: i64) -> OpsResult<Vec<Pending>> {

@@ -201,3 +201,24 @@ pub async fn delete_decided_before(
     )
     .await
 }
+
+/// Pending proposals older than `after` not reminded yet: marked reminded now (once
+/// each). Returns their ids.
+pub async fn take_due_reminders(
+    conn: &mut PgConnection,
+    after: std::time::Duration,
+    limit: i64,
+) -> OpsResult<Vec<i64>> {
+    Ok(sqlx::query_scalar(
+        "UPDATE ops_mission_proposals SET reminded_at = now()
+         WHERE id IN (SELECT id FROM ops_mission_proposals
+                      WHERE status = 'pending' AND reminded_at IS NULL
+                        AND created_at <= now() - $1 AND expires_at > now()
+                      ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+         RETURNING id",
+    )
+    .bind(crate::db::interval(after))
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}

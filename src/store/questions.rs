@@ -235,3 +235,22 @@ pub async fn open_of_step(conn: &mut PgConnection, step_id: i64) -> OpsResult<Op
     .fetch_optional(conn)
     .await?)
 }
+
+/// Open questions older than `after` not reminded yet: marked reminded now (once each).
+pub async fn take_due_reminders(
+    conn: &mut PgConnection,
+    after: std::time::Duration,
+    limit: i64,
+) -> OpsResult<Vec<i64>> {
+    Ok(sqlx::query_scalar(
+        "UPDATE ops_questions SET reminded_at = now()
+         WHERE id IN (SELECT id FROM ops_questions
+                      WHERE status = 'open' AND reminded_at IS NULL AND created_at <= now() - $1
+                      ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+         RETURNING id",
+    )
+    .bind(interval(after))
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}

@@ -11,6 +11,7 @@
 mod read;
 mod rules;
 mod sections;
+mod talk;
 mod templates;
 #[cfg(test)]
 mod tests;
@@ -359,6 +360,9 @@ impl fmt::Display for EventPattern {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApprovalPolicy {
     pub ttl: Duration,
+    /// A proposal still pending (a question still open) after this long gets one
+    /// reminder, a new message to the same chats.
+    pub remind: Option<Duration>,
     pub auto_approve: Vec<Risk>,
     pub high: TierRule,
     pub red: TierRule,
@@ -368,6 +372,7 @@ impl Default for ApprovalPolicy {
     fn default() -> Self {
         ApprovalPolicy {
             ttl: Duration::from_secs(24 * 3600),
+            remind: None,
             auto_approve: vec![Risk::Low],
             high: TierRule::HIGH,
             red: TierRule::RED,

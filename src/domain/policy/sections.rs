@@ -15,13 +15,14 @@ const SECOND: Duration = Duration::from_secs(1);
 
 pub(super) fn approval(ctx: &mut Ctx, v: &Val) -> ApprovalPolicy {
     let mut out = ApprovalPolicy::default();
-    let known = ["ttl", "auto_approve", "high", "red"];
+    let known = ["ttl", "remind", "auto_approve", "high", "red"];
     let Some(f) = Fields::new(ctx, v, "approval", &known) else {
         return out;
     };
     if let Some(d) = f.duration(ctx, "ttl", SECOND) {
         out.ttl = d;
     }
+    out.remind = f.duration(ctx, "remind", SECOND);
     if let Some(v) = f.get("auto_approve") {
         let path = f.path("auto_approve");
         if let Some(items) = read::strings(ctx, v, &path) {

@@ -89,6 +89,28 @@ pub async fn prompt(pool: &PgPool, proposal_id: i64) -> OpsResult<Rendered> {
     };
     let open =
         p.status == ProposalStatus::Pending && p.expires_at.is_none_or(|e| e > chrono::Utc::now());
+    // What will run, exactly, so approvers approve what runs.
+    let plan = p.planned_steps();
+    if !plan.is_empty() {
+        text.push_str("plan:\n");
+        for (i, step) in plan.iter().enumerate() {
+            let what = step.spec.summary();
+            text.push_str(&format!(
+                "{}. {} · {}{}\n",
+                i + 1,
+                escape(&cut(&step.name, 64)),
+                step.spec.kind(),
+                if what.is_empty() {
+                    String::new()
+                } else {
+                    format!(": <code>{}</code>", escape(&cut(&what, 300)))
+                }
+            ));
+        }
+    }
+    if open && let Some(e) = p.expires_at {
+        text.push_str(&format!("expires {}\n", when(Some(e))));
+    }
     match p.status {
         ProposalStatus::Approved => {
             text.push_str(&format!(

@@ -300,8 +300,20 @@ async fn bench(db: &Database, command: BenchCommand) -> OpsResult<i32> {
             workers,
             steps_per_mission,
             history,
-        } => bench::worker(db, steps, workers, steps_per_mission, history).await?,
+            open_questions,
+        } => {
+            bench::worker(
+                db,
+                steps,
+                workers,
+                steps_per_mission,
+                history,
+                open_questions,
+            )
+            .await?
+        }
         BenchCommand::Latency { samples } => bench::latency(db, samples).await?,
+        BenchCommand::Chat { samples } => bench::chat(db, samples).await?,
         BenchCommand::Tick { events, rules } => bench::tick(db, events, rules).await?,
     };
     println!("{figures}");

@@ -187,10 +187,19 @@ pub enum BenchCommand {
         /// Finished steps (with their events) already in the tables, for cost growth.
         #[arg(long, default_value_t = 0)]
         history: u32,
+        /// Missions waiting on an open question (an `asking` step) meanwhile.
+        #[arg(long, default_value_t = 0)]
+        open_questions: u32,
     },
     /// On an idle daemon: propose → first step started, and step ready → started.
     Latency {
         #[arg(long, default_value_t = 300)]
+        samples: u32,
+    },
+    /// Against a fake Bot API on loopback: tap → answered, tap → first step started,
+    /// question asked → sent, tap → answer seen by the asking step.
+    Chat {
+        #[arg(long, default_value_t = 100)]
         samples: u32,
     },
     /// Events processed by reactions: events/s.

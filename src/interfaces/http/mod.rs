@@ -215,7 +215,8 @@ mod tests {
     fn the_404_lists_every_route() {
         assert_eq!(
             listing(&routes()),
-            "GET /healthz, GET /metrics, POST /api/ops/heartbeat, POST /api/events, POST /api/proposals, GET /api/missions/{id}"
+            "GET /healthz, GET /metrics, POST /api/ops/heartbeat, POST /api/events, POST /api/proposals, GET /api/missions/{id}, \
+             POST /api/questions, GET /api/questions/{id}, POST /api/questions/{id}/answer"
         );
     }
 

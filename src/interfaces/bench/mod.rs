@@ -16,6 +16,9 @@ use crate::engine::proposals::{self, NewProposal, Source};
 use crate::engine::worker::Worker;
 use crate::store::policy::{self as policy_store, PolicyCache};
 
+mod chat;
+pub use chat::chat;
+
 /// A scratch database on the same server, dropped at the end.
 struct Scratch {
     admin_url: String,
@@ -131,6 +134,7 @@ pub async fn worker(
     workers: u32,
     steps_per_mission: u32,
     history: u32,
+    open_questions: u32,
 ) -> anyhow::Result<Value> {
     if steps == 0 || workers == 0 || steps_per_mission == 0 {
         return Err(OpsError::bad_input(
@@ -143,6 +147,9 @@ pub async fn worker(
     policy_store::apply(&pool, &bench_policy(workers, steps_per_mission, 0), "bench").await?;
     if history > 0 {
         preload_history(&pool, history).await?;
+    }
+    if open_questions > 0 {
+        preload_questions(&pool, open_questions).await?;
     }
     let missions = steps.div_ceil(steps_per_mission);
     // Set up in bulk (not timed): approved proposals, running missions, their steps.
@@ -179,7 +186,8 @@ pub async fn worker(
     // A cheap look (not a count) so the measurement costs the database little.
     loop {
         let busy: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM ops_missions WHERE status = 'running')",
+            "SELECT EXISTS (SELECT 1 FROM ops_missions m WHERE m.status = 'running'
+             AND NOT EXISTS (SELECT 1 FROM ops_mission_steps s WHERE s.mission_id = m.id AND s.status = 'asking'))",
         )
         .fetch_one(&pool)
         .await?;
@@ -213,6 +221,7 @@ pub async fn worker(
             "workers": workers,
             "steps_per_mission": steps_per_mission,
             "history_steps": history,
+            "open_questions": open_questions,
             "elapsed_ms": elapsed.as_millis() as u64,
             "steps_per_s": round2(done as f64 / elapsed.as_secs_f64()),
             "queue_wait_p50_ms": round2(percentile(&pickups, 50.0)),
@@ -222,6 +231,30 @@ pub async fn worker(
     .await;
     scratch.drop().await;
     Ok(out)
+}
+
+/// Missions waiting on people: `n` missions whose one step is `asking`, each with its
+/// open question (they hold no lease and no slot; the bench shows what they cost).
+async fn preload_questions(pool: &PgPool, n: u32) -> anyhow::Result<()> {
+    sqlx::query(
+        "WITH p AS (
+            INSERT INTO ops_mission_proposals (template, params, risk, proposed_by, source, status, decided_at)
+            SELECT 'bench', jsonb_build_object('n', 'q' || g), 'low', 'bench', 'cli', 'approved', now()
+            FROM generate_series(1, $1) g RETURNING id),
+         m AS (
+            INSERT INTO ops_missions (proposal_id, template, status, started_at)
+            SELECT id, 'bench', 'running', now() FROM p RETURNING id),
+         s AS (
+            INSERT INTO ops_mission_steps (mission_id, seq, name, kind, spec, status, attempts)
+            SELECT m.id, 1, 'go', 'ask', '{\"kind\":\"ask\",\"question\":\"Go?\",\"choices\":[\"yes\",\"no\"]}', 'asking', 1
+            FROM m RETURNING id, mission_id)
+         INSERT INTO ops_questions (mission_id, step_id, asked_by, question, choices, audience)
+         SELECT mission_id, id, 'step:' || id, 'Go?', '[\"yes\", \"no\"]', 'approvers' FROM s",
+    )
+    .bind(n as i32)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Finished work already in the tables (cost growth): `steps` succeeded steps, 100
