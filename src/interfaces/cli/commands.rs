@@ -109,7 +109,13 @@ async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsRes
         Command::Resume { template, actor } => resume(pool, template, actor).await,
         Command::Users { command } => users_command(pool, command).await,
         Command::Bench { command } => bench(db, command).await,
-        Command::Doctor { .. } | Command::Run { .. } | Command::Worker { .. } => Ok(0),
+        // Handled before: doctor and the daemons above, the setup commands in cli::setup.
+        Command::Doctor { .. }
+        | Command::Run { .. }
+        | Command::Worker { .. }
+        | Command::Init
+        | Command::Completions { .. }
+        | Command::Manpage { .. } => Ok(0),
     }
 }
 

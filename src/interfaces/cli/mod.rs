@@ -2,6 +2,7 @@
 //! library function that the bot and HTTP call too.
 
 mod commands;
+mod setup;
 mod show;
 
 use std::path::PathBuf;
@@ -138,6 +139,16 @@ pub enum Command {
         #[arg(long)]
         policy: Option<PathBuf>,
     },
+    /// Write a commented .env and a starter policy.toml here (never overwrites).
+    Init,
+    /// Print shell completions: `opsloop completions bash > /etc/bash_completion.d/opsloop`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff): `opsloop manpage | man -l -`.
+    Manpage {
+        /// Instead, write opsloop.1 and a page per command (opsloop-run.1, ...) into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Built-in benchmarks: one JSON line per case (in a scratch database, dropped after).
     Bench {
         #[command(subcommand)]
@@ -230,6 +241,9 @@ pub fn main() -> i32 {
             return 2;
         }
     };
+    if let Some(code) = setup::run(&cli.command) {
+        return code;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
