@@ -260,7 +260,7 @@ deb_lifecycle() {
     dpkg-deb -e '$deb1' '$tmp/control' && grep -qx /etc/opsloop/opsloop.env '$tmp/control/conffiles' &&
     grep -qx /etc/opsloop/policy.toml '$tmp/control/conffiles' &&
     test -x '$tmp/control/postinst' -a -x '$tmp/control/prerm' -a -x '$tmp/control/postrm' &&
-    ! grep -Eq 'systemctl (enable|start|restart)' '$tmp/control/postinst'"
+    ! grep -v '^ *echo' '$tmp/control/postinst' | grep -Eq 'systemctl (enable|start|restart)'"
 
   getent passwd opsloop >/dev/null || created_user=1
   deb_installed=1
