@@ -25,6 +25,7 @@ failed=0
 tmp=$(mktemp -d)
 deb_installed=0   # set while the lifecycle check below has opsloop installed
 created_user=0    # set when that check created the opsloop user (removed again at exit)
+# shellcheck disable=SC2329  # run by the trap
 cleanup() {
   if [ "$deb_installed" = 1 ]; then dpkg --purge opsloop >/dev/null 2>&1 || true; fi
   if [ "$created_user" = 1 ]; then
@@ -297,6 +298,7 @@ deb_lifecycle() {
     fi
   done
   if command -v man >/dev/null 2>&1; then
+    # shellcheck disable=SC2016  # expanded by that sh
     want "deb: man -l renders every man page, no warnings" sh -c '
       n=0
       for page in /usr/share/man/man1/opsloop*.1.gz; do
@@ -355,9 +357,9 @@ else
   deb_lifecycle
 fi
 
-# ---- this script ------------------------------------------------------------
+# ---- the scripts ------------------------------------------------------------
 if command -v shellcheck >/dev/null 2>&1; then
-  if out=$(shellcheck "$here/check.sh" 2>&1); then ok "shellcheck check.sh"; else fail "shellcheck check.sh" "$(printf '%s' "$out" | head -3 | tr '\n' ' ')"; fi
+  if out=$(shellcheck "$here/check.sh" "$here/deb.sh" "$here"/debian/* 2>&1); then ok "shellcheck check.sh deb.sh debian/*"; else fail "shellcheck" "$(printf '%s' "$out" | head -3 | tr '\n' ' ')"; fi
 fi
 
 exit "$failed"
