@@ -117,11 +117,11 @@ fn init(dir: &Path) -> OpsResult<()> {
     let here = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     println!(
         "wrote {ENV_FILE} and {POLICY_FILE} in {}\n\nNext:\n  \
-         1. In Telegram, ask @BotFather for a bot (/newbot) and put its token in .env: TELEGRAM_BOT_TOKEN=\n  \
-         2. Put your Telegram user id in .env: OPSLOOP_ADMINS= (start `opsloop run` and send the bot\n     \
-            anything: it answers strangers with their id; restart after setting it)\n  \
-         3. Run `opsloop doctor`: it checks the database, the policy, the token and the Bot API.\n\n\
-         Then `opsloop run` here, and /start in a chat with your bot.",
+         1. In Telegram, ask @BotFather for a bot (/newbot); put its token in .env: TELEGRAM_BOT_TOKEN=\n  \
+         2. Start `opsloop run` here and send your bot anything: it answers with your Telegram id.\n     \
+            Put it in .env: OPSLOOP_ADMINS= and restart `opsloop run`.\n  \
+         3. Run `opsloop doctor` here: database, policy, token, Bot API, admins, one line each.\n\n\
+         Then /start in the chat with your bot greets you as admin.",
         here.display()
     );
     Ok(())
