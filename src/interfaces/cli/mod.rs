@@ -197,6 +197,7 @@ pub enum PolicyCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum UsersCommand {
+    /// List the known users with their roles.
     List {
         #[arg(long)]
         json: bool,
@@ -206,6 +207,7 @@ pub enum UsersCommand {
         telegram_id: String,
         role: String,
     },
+    /// Take away TELEGRAM_ID's role.
     Revoke {
         telegram_id: String,
     },
