@@ -203,14 +203,9 @@ pub enum UsersCommand {
         json: bool,
     },
     /// Give TELEGRAM_ID a ROLE (viewer, operator, approver, admin).
-    Grant {
-        telegram_id: String,
-        role: String,
-    },
+    Grant { telegram_id: String, role: String },
     /// Take away TELEGRAM_ID's role.
-    Revoke {
-        telegram_id: String,
-    },
+    Revoke { telegram_id: String },
 }
 
 /// Parse the command line, run it, and return the process exit code.
