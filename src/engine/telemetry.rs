@@ -28,6 +28,7 @@ pub const STEPS_RUNNING: &str = "opsloop_steps_running";
 pub const WORKER_SLOTS: &str = "opsloop_worker_slots";
 pub const LEASE_UTILISATION: &str = "opsloop_lease_utilisation";
 pub const PROPOSALS_PENDING: &str = "opsloop_proposals_pending";
+pub const DEAD_LETTERS: &str = "opsloop_dead_letters";
 
 const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
@@ -98,6 +99,10 @@ fn describe() {
         "Running steps divided by worker slots (0 when no worker is alive)"
     );
     describe_gauge!(PROPOSALS_PENDING, "Proposals waiting for a decision");
+    describe_gauge!(
+        DEAD_LETTERS,
+        "Steps out of attempts (ops_step_dead_letters), from every host"
+    );
     // Counters that the notifier will move: present from the start, at zero.
     for outcome in ["sent", "failed"] {
         counter!(NOTIFICATIONS, "outcome" => outcome).increment(0);
@@ -204,18 +209,19 @@ fn label_value(v: &str) -> String {
 /// The cluster-wide gauges, from one cheap query (partial indexes cover it). Errors and
 /// a slow database leave the previous values: a scrape never fails because of them.
 pub async fn refresh_gauges(pool: &PgPool) {
-    let query = sqlx::query_as::<_, (i64, i64, i64, i64)>(
+    let query = sqlx::query_as::<_, (i64, i64, i64, i64, i64)>(
         "SELECT
             (SELECT count(*) FROM ops_mission_steps WHERE status = 'queued'),
             (SELECT count(*) FROM ops_mission_steps WHERE status = 'running'),
             (SELECT coalesce(sum(concurrency), 0)::bigint FROM ops_workers
               WHERE stopped_at IS NULL AND last_seen > now() - interval '1 minute'),
             (SELECT count(*) FROM ops_mission_proposals
-              WHERE status = 'pending' AND expires_at > now())",
+              WHERE status = 'pending' AND expires_at > now()),
+            (SELECT count(*) FROM ops_step_dead_letters)",
     )
     .fetch_one(pool);
     match tokio::time::timeout(Duration::from_secs(1), query).await {
-        Ok(Ok((queued, running, slots, pending))) => {
+        Ok(Ok((queued, running, slots, pending, dead))) => {
             gauge!(STEPS_QUEUED).set(queued as f64);
             gauge!(STEPS_RUNNING).set(running as f64);
             gauge!(WORKER_SLOTS).set(slots as f64);
@@ -225,6 +231,7 @@ pub async fn refresh_gauges(pool: &PgPool) {
                 0.0
             });
             gauge!(PROPOSALS_PENDING).set(pending as f64);
+            gauge!(DEAD_LETTERS).set(dead as f64);
         }
         Ok(Err(e)) => tracing::debug!(error = %e, "metrics gauges: query failed"),
         Err(_) => tracing::debug!("metrics gauges: query timed out"),

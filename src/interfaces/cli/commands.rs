@@ -126,10 +126,15 @@ async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsRes
         Command::Resume { template, actor } => resume(pool, template, actor).await,
         Command::Users { command } => users_command(pool, command).await,
         Command::Bench { command } => bench(db, command).await,
+        // Handled before: doctor and the daemons above, the setup commands in cli::setup,
+        // ask (no database) at the top.
         Command::Doctor { .. }
         | Command::Run { .. }
         | Command::Worker { .. }
-        | Command::Ask { .. } => Ok(0),
+        | Command::Ask { .. }
+        | Command::Init
+        | Command::Completions { .. }
+        | Command::Manpage { .. } => Ok(0),
     }
 }
 

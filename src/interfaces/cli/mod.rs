@@ -3,6 +3,7 @@
 
 mod ask;
 mod commands;
+mod setup;
 mod show;
 
 use std::path::PathBuf;
@@ -166,6 +167,16 @@ pub enum Command {
         #[arg(long)]
         policy: Option<PathBuf>,
     },
+    /// Write a commented .env and a starter policy.toml here (never overwrites).
+    Init,
+    /// Print shell completions: `opsloop completions bash > /etc/bash_completion.d/opsloop`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff): `opsloop manpage | man -l -`.
+    Manpage {
+        /// Instead, write opsloop.1 and a page per command (opsloop-run.1, ...) into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Built-in benchmarks: one JSON line per case (in a scratch database, dropped after).
     Bench {
         #[command(subcommand)]
@@ -223,18 +234,15 @@ pub enum PolicyCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum UsersCommand {
+    /// List the known users with their roles.
     List {
         #[arg(long)]
         json: bool,
     },
     /// Give TELEGRAM_ID a ROLE (viewer, operator, approver, admin).
-    Grant {
-        telegram_id: String,
-        role: String,
-    },
-    Revoke {
-        telegram_id: String,
-    },
+    Grant { telegram_id: String, role: String },
+    /// Take away TELEGRAM_ID's role.
+    Revoke { telegram_id: String },
 }
 
 /// Parse the command line, run it, and return the process exit code.
@@ -267,6 +275,9 @@ pub fn main() -> i32 {
             return 2;
         }
     };
+    if let Some(code) = setup::run(&cli.command) {
+        return code;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
