@@ -29,6 +29,7 @@ pub const WORKER_SLOTS: &str = "opsloop_worker_slots";
 pub const LEASE_UTILISATION: &str = "opsloop_lease_utilisation";
 pub const PROPOSALS_PENDING: &str = "opsloop_proposals_pending";
 pub const DEAD_LETTERS: &str = "opsloop_dead_letters";
+pub const QUESTIONS_OPEN: &str = "opsloop_questions_open";
 
 const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
@@ -102,6 +103,10 @@ fn describe() {
     describe_gauge!(
         DEAD_LETTERS,
         "Steps out of attempts (ops_step_dead_letters), from every host"
+    );
+    describe_gauge!(
+        QUESTIONS_OPEN,
+        "Questions waiting for an answer (ops_questions), from every host"
     );
     // Counters that the notifier will move: present from the start, at zero.
     for outcome in ["sent", "failed"] {
@@ -209,7 +214,7 @@ fn label_value(v: &str) -> String {
 /// The cluster-wide gauges, from one cheap query (partial indexes cover it). Errors and
 /// a slow database leave the previous values: a scrape never fails because of them.
 pub async fn refresh_gauges(pool: &PgPool) {
-    let query = sqlx::query_as::<_, (i64, i64, i64, i64, i64)>(
+    let query = sqlx::query_as::<_, (i64, i64, i64, i64, i64, i64)>(
         "SELECT
             (SELECT count(*) FROM ops_mission_steps WHERE status = 'queued'),
             (SELECT count(*) FROM ops_mission_steps WHERE status = 'running'),
@@ -217,11 +222,12 @@ pub async fn refresh_gauges(pool: &PgPool) {
               WHERE stopped_at IS NULL AND last_seen > now() - interval '1 minute'),
             (SELECT count(*) FROM ops_mission_proposals
               WHERE status = 'pending' AND expires_at > now()),
-            (SELECT count(*) FROM ops_step_dead_letters)",
+            (SELECT count(*) FROM ops_step_dead_letters),
+            (SELECT count(*) FROM ops_questions WHERE status = 'open')",
     )
     .fetch_one(pool);
     match tokio::time::timeout(Duration::from_secs(1), query).await {
-        Ok(Ok((queued, running, slots, pending, dead))) => {
+        Ok(Ok((queued, running, slots, pending, dead, questions))) => {
             gauge!(STEPS_QUEUED).set(queued as f64);
             gauge!(STEPS_RUNNING).set(running as f64);
             gauge!(WORKER_SLOTS).set(slots as f64);
@@ -232,6 +238,7 @@ pub async fn refresh_gauges(pool: &PgPool) {
             });
             gauge!(PROPOSALS_PENDING).set(pending as f64);
             gauge!(DEAD_LETTERS).set(dead as f64);
+            gauge!(QUESTIONS_OPEN).set(questions as f64);
         }
         Ok(Err(e)) => tracing::debug!(error = %e, "metrics gauges: query failed"),
         Err(_) => tracing::debug!("metrics gauges: query timed out"),

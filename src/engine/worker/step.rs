@@ -127,7 +127,9 @@ pub(super) async fn record_progress(
             written = current;
             last = Some(Instant::now());
         }
-        if done.is_cancelled() {
+        // At the end, the latest line is written down before this returns (it may have
+        // come while the write above was on its way).
+        if done.is_cancelled() && *latest.borrow() == written {
             return;
         }
     }
