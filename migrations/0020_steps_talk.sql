@@ -48,19 +48,83 @@ ALTER TABLE ops_notifications DROP CONSTRAINT ops_notifications_action_check;
 ALTER TABLE ops_notifications ADD CONSTRAINT ops_notifications_action_check
     CHECK (action IN ('prompt', 'mission', 'send', 'question'));
 
-CREATE OR REPLACE FUNCTION ops_enqueue_question_notifications() RETURNS trigger LANGUAGE plpgsql AS $$
+-- The events trigger (migrations/0002_outbox.sql) learns questions, in the same
+-- function, so an insert that tells nobody still costs one early return.
+CREATE OR REPLACE FUNCTION ops_enqueue_notifications() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
+    cfg jsonb;
     chats bigint[];
+    patterns text[];
     n bigint;
     total bigint := 0;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM new_events WHERE kind LIKE 'question.%') THEN
+    SELECT value INTO cfg FROM ops_policy WHERE key = 'notify';
+    chats := coalesce(ARRAY(SELECT jsonb_array_elements_text(cfg->'chats')::bigint), '{}');
+    patterns := coalesce(ARRAY(SELECT jsonb_array_elements_text(cfg->'like')), '{}');
+    -- Nobody to tell: keep the worker's hot path free of the work below.
+    IF cardinality(chats) = 0 AND NOT EXISTS (SELECT 1 FROM ops_users WHERE started) THEN
         RETURN NULL;
     END IF;
-    chats := coalesce(ARRAY(SELECT jsonb_array_elements_text(value->'chats')::bigint
-                            FROM ops_policy WHERE key = 'notify'), '{}');
-    -- A new question: its audience's private chats (people who started the bot), and the
-    -- notify chats unless it is for its proposer alone.
+
+    -- Approval prompts: approvers who started the bot, and the notify chats.
+    INSERT INTO ops_notifications (chat_id, subject, action, event_id)
+    SELECT r.chat_id, 'proposal:' || e.proposal_id, 'prompt', e.id
+    FROM new_events e
+    CROSS JOIN LATERAL (
+        SELECT u.telegram_id AS chat_id FROM ops_users u
+        WHERE u.started AND u.role IN ('approver', 'admin')
+        UNION SELECT unnest(chats)) r
+    WHERE e.kind = 'proposal.created' AND (e.payload->>'awaits_approval')::boolean IS TRUE;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    total := total + n;
+
+    -- Outcomes: every prompt of the proposal is edited.
+    INSERT INTO ops_notifications (chat_id, subject, action, event_id)
+    SELECT DISTINCT ON (n.chat_id, e.id) n.chat_id, n.subject, 'prompt', e.id
+    FROM new_events e
+    JOIN ops_notifications n ON n.subject = 'proposal:' || e.proposal_id AND n.action = 'prompt'
+    WHERE e.kind IN ('proposal.approved', 'proposal.rejected', 'proposal.expired');
+    GET DIAGNOSTICS n = ROW_COUNT;
+    total := total + n;
+
+    -- Mission cards: subscribers and notify chats, for mission events the policy asks
+    -- for; step events edit the cards that exist.
+    INSERT INTO ops_notifications (chat_id, subject, action, event_id)
+    SELECT r.chat_id, 'mission:' || e.mission_id, 'mission', e.id
+    FROM new_events e
+    CROSS JOIN LATERAL (
+        SELECT u.telegram_id AS chat_id FROM ops_users u WHERE u.started AND u.subscribed
+        UNION SELECT unnest(chats)) r
+    WHERE e.mission_id IS NOT NULL AND e.kind LIKE 'mission.%'
+      AND EXISTS (SELECT 1 FROM unnest(patterns) p WHERE e.kind LIKE p);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    total := total + n;
+    INSERT INTO ops_notifications (chat_id, subject, action, event_id)
+    SELECT DISTINCT ON (n.chat_id, e.id) n.chat_id, n.subject, 'mission', e.id
+    FROM new_events e
+    JOIN ops_notifications n ON n.subject = 'mission:' || e.mission_id AND n.action = 'mission'
+    WHERE e.mission_id IS NOT NULL AND e.kind LIKE 'step.%';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    total := total + n;
+
+    -- New messages: a failure (besides the card, so it rings), other kinds the policy
+    -- asks for, and a template paused after failures (always to admins).
+    INSERT INTO ops_notifications (chat_id, subject, action, event_id)
+    SELECT r.chat_id, 'event:' || e.id, 'send', e.id
+    FROM new_events e
+    CROSS JOIN LATERAL (
+        SELECT u.telegram_id AS chat_id FROM ops_users u
+        WHERE u.started AND (u.subscribed OR (e.kind = 'template.paused' AND u.role = 'admin'))
+        UNION SELECT unnest(chats)) r
+    WHERE (e.kind = 'template.paused'
+           OR (e.kind NOT LIKE 'proposal.%' AND e.kind NOT LIKE 'step.%' AND e.kind <> 'mission.started'
+               AND e.kind NOT IN ('mission.succeeded', 'mission.cancelled')
+               AND EXISTS (SELECT 1 FROM unnest(patterns) p WHERE e.kind LIKE p)));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    total := total + n;
+
+    -- Questions: a new one goes to its audience's private chats (people who started the
+    -- bot), and to the notify chats unless it is for its proposer alone.
     INSERT INTO ops_notifications (chat_id, subject, action, event_id)
     SELECT DISTINCT r.chat_id, 'question:' || q.id, 'question', e.id
     FROM new_events e
@@ -76,7 +140,7 @@ BEGIN
     WHERE e.kind = 'question.asked';
     GET DIAGNOSTICS n = ROW_COUNT;
     total := total + n;
-    -- An outcome: every copy of the question is edited.
+    -- Its outcome: every copy of the question is edited.
     INSERT INTO ops_notifications (chat_id, subject, action, event_id)
     SELECT DISTINCT ON (n.chat_id, e.id) n.chat_id, n.subject, 'question', e.id
     FROM new_events e
@@ -84,15 +148,13 @@ BEGIN
     WHERE e.kind IN ('question.answered', 'question.expired', 'question.cancelled');
     GET DIAGNOSTICS n = ROW_COUNT;
     total := total + n;
+
     IF total > 0 THEN
         PERFORM pg_notify('ops_outbox', '');
     END IF;
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER ops_agent_events_questions AFTER INSERT ON ops_agent_events
-    REFERENCING NEW TABLE AS new_events
-    FOR EACH STATEMENT EXECUTE FUNCTION ops_enqueue_question_notifications();
 
 -- `[approval] remind`: one reminder (a new message, which rings) per pending proposal
 -- and per open question, after that long.
