@@ -278,8 +278,13 @@ impl Sender {
             Err(e) => return Delivery::Permanent(format!("cannot render: {e}")),
         };
         let chat = ChatId(row.chat_id);
+        // A `send` row that names its message edits it (a failure message after a retry).
+        let edits = row.action == "send" && row.message_id.is_some();
         let existing = if row.action == "send" {
-            Vec::new()
+            row.message_id
+                .and_then(|m| i32::try_from(m).ok())
+                .into_iter()
+                .collect()
         } else {
             match self.messages_of(row).await {
                 Ok(ids) => ids,
@@ -308,7 +313,7 @@ impl Sender {
                 Err(e) => return classify(e),
             }
         }
-        if shown.is_some() {
+        if shown.is_some() || edits {
             return Delivery::Sent(shown);
         }
         let mut send = self
