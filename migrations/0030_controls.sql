@@ -20,33 +20,3 @@ ALTER TABLE ops_step_dead_letters ADD COLUMN retried_by text;
 ALTER TABLE ops_step_dead_letters DROP CONSTRAINT ops_step_dead_letters_step_id_key;
 ALTER TABLE ops_step_dead_letters ADD CONSTRAINT ops_step_dead_letters_step_attempts
     UNIQUE (step_id, attempts);
-
--- The kill switch tells admins, whatever `notify.events` says (as a template paused
--- after failures does). A trigger of its own, so the outbox trigger stays as it is;
--- admins who already get the event as subscribers are not told twice.
-CREATE FUNCTION ops_enqueue_kill_notice() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    patterns text[];
-    n bigint;
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM new_events WHERE kind = 'system.killed') THEN
-        RETURN NULL;
-    END IF;
-    patterns := coalesce(ARRAY(SELECT jsonb_array_elements_text(value->'like')
-                               FROM ops_policy WHERE key = 'notify'), '{}');
-    INSERT INTO ops_notifications (chat_id, subject, action, event_id)
-    SELECT u.telegram_id, 'event:' || e.id, 'send', e.id
-    FROM new_events e
-    CROSS JOIN ops_users u
-    WHERE e.kind = 'system.killed' AND u.started AND u.role = 'admin'
-      AND NOT (u.subscribed AND EXISTS (SELECT 1 FROM unnest(patterns) p WHERE e.kind LIKE p));
-    GET DIAGNOSTICS n = ROW_COUNT;
-    IF n > 0 THEN
-        PERFORM pg_notify('ops_outbox', '');
-    END IF;
-    RETURN NULL;
-END $$;
-
-CREATE TRIGGER ops_agent_events_kill_notice AFTER INSERT ON ops_agent_events
-    REFERENCING NEW TABLE AS new_events
-    FOR EACH STATEMENT EXECUTE FUNCTION ops_enqueue_kill_notice();

@@ -39,25 +39,6 @@ pub struct NewProposal {
     pub may_raise_priority: bool,
 }
 
-impl NewProposal {
-    /// A proposal of `template` with the template's priority.
-    pub fn new(
-        template: impl Into<String>,
-        params: BTreeMap<String, String>,
-        proposed_by: impl Into<String>,
-        source: Source,
-    ) -> NewProposal {
-        NewProposal {
-            template: template.into(),
-            params,
-            proposed_by: proposed_by.into(),
-            source,
-            priority: None,
-            may_raise_priority: false,
-        }
-    }
-}
-
 /// What became of a proposal. `propose --json` prints this.
 #[derive(Debug, Clone, Serialize)]
 pub struct Proposed {

@@ -1,6 +1,6 @@
 //! Owner of `ops_notifications`, the Telegram outbox. A row is queued pending: by the
 //! events trigger (migrations/0002_outbox.sql) in the event's own transaction, or here
-//! (`enqueue_replies`, `enqueue_prompt_refreshes`, `enqueue_failure_edits`,
+//! (`enqueue_replies`, `enqueue_prompt_refreshes`, `enqueue_failure_edits`, `enqueue_for_admins`,
 //! `adopt_prompt`; a command's reply is reserved before the command runs,
 //! `reserve_reply`, and filled after, `fill_reply`). The sender takes each
 //! chat's oldest pending row (`heads`), marks it in flight before calling Telegram
@@ -123,6 +123,32 @@ pub async fn fill_reply(
         return Ok(());
     }
     enqueue_replies(conn, chat_id, rest).await
+}
+
+/// Queue a message about event `event_id` (the kill switch's) to every admin who started
+/// the bot, whatever `notify.events` says, except those the events trigger already
+/// tells (subscribers, when `notify.events` names the kind). Written by the engine in
+/// the event's transaction: a trigger of its own would cost every event insert, the
+/// worker's hot path included, for an event that is rare.
+pub async fn enqueue_for_admins(conn: &mut PgConnection, event_id: i64) -> OpsResult<()> {
+    sqlx::query(
+        "WITH e AS (SELECT id, kind FROM ops_agent_events WHERE id = $1),
+         patterns AS (
+            SELECT jsonb_array_elements_text(value->'like') AS p FROM ops_policy WHERE key = 'notify'),
+         n AS (
+            INSERT INTO ops_notifications (chat_id, subject, action, event_id)
+            SELECT u.telegram_id, 'event:' || e.id, 'send', e.id
+            FROM e CROSS JOIN ops_users u
+            WHERE u.started AND u.role = 'admin'
+              AND NOT (u.subscribed AND EXISTS (SELECT 1 FROM patterns WHERE e.kind LIKE patterns.p))
+            RETURNING id)
+         SELECT pg_notify($2, '') FROM n LIMIT 1",
+    )
+    .bind(event_id)
+    .bind(channels::OUTBOX)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Queue an edit of every failure message of mission `mission_id` that was sent (a

@@ -190,7 +190,7 @@ async fn kill_once(
     for id in &ids {
         super::cancel_in(&mut tx, *id, actor, source.as_str()).await?;
     }
-    events::emit(
+    let event = events::emit(
         &mut tx,
         NewEvent::new(EventKind::SystemKilled, source).payload(json!({
             "cancelled": ids.len(), "missions": ids, "reason": reason, "by": actor,
@@ -198,6 +198,8 @@ async fn kill_once(
         })),
     )
     .await?;
+    // Admins are told whatever `notify.events` says.
+    outbox::enqueue_for_admins(&mut tx, event).await?;
     tx.commit().await?;
     for _ in &ids {
         telemetry::mission_finished(MissionStatus::Cancelled.as_str());
