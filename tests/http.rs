@@ -461,9 +461,9 @@ async fn bad_requests_get_json_4xx() {
             "unknown field",
             "/api/proposals",
             Some("application/json"),
-            br#"{"template":"hello","params":{},"proposed_by":"a","priority":1}"#.to_vec(),
+            br#"{"template":"hello","params":{},"proposed_by":"a","prio":1}"#.to_vec(),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "unknown field `priority`",
+            "unknown field `prio`",
         ),
         (
             "unknown event field",
@@ -950,4 +950,39 @@ steps = [ { name = "s", kind = "noop" } ]
         .await
         .expect("count");
     assert_eq!(proposals, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_may_only_lower_a_priority() {
+    let app = App::start(Some(KEY)).await;
+    let propose = |name: &str, priority: Value| json!({"template": "hello", "params": {"name": name}, "proposed_by": "agent:a", "priority": priority});
+    let (status, lower) = app.post("/api/proposals", propose("ada", json!(-7))).await;
+    assert_eq!(status, StatusCode::CREATED, "{lower}");
+    assert_eq!(lower["priority"], -7);
+    let (status, same) = app.post("/api/proposals", propose("bob", json!(0))).await;
+    assert_eq!(status, StatusCode::CREATED, "{same}");
+    let (status, raised) = app.post("/api/proposals", propose("cat", json!(1))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{raised}");
+    assert!(
+        raised["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("approver"))
+    );
+    for bad in [
+        json!(-101),
+        json!(1e3),
+        json!("5"),
+        json!(99_999_999_999_i64),
+    ] {
+        let (status, body) = app
+            .post("/api/proposals", propose("dan", bad.clone()))
+            .await;
+        assert!(status.is_client_error(), "{bad}: {status} {body}");
+        assert_ne!(status, StatusCode::CREATED);
+    }
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM ops_mission_proposals")
+        .fetch_one(&app.db.pool)
+        .await
+        .expect("count");
+    assert_eq!(count, 2, "refused priorities record nothing");
 }

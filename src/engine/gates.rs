@@ -89,6 +89,20 @@ pub async fn check_mission(
     caps(conn, policy, template).await
 }
 
+/// The gates a retry passes (design §12): the template's pause and its max_running. A
+/// retry is no new mission, so cooldown and daily_cap do not count it. The caller holds
+/// the proposals lock, as for [`check_mission`].
+pub async fn check_retry(
+    conn: &mut PgConnection,
+    policy: &Policy,
+    template: &str,
+) -> OpsResult<Option<Refusal>> {
+    if let Some(refusal) = template_paused_refusal(conn, template).await? {
+        return Ok(Some(refusal));
+    }
+    max_running(conn, policy, template).await
+}
+
 async fn template_paused_refusal(
     conn: &mut PgConnection,
     name: &str,
@@ -106,14 +120,8 @@ async fn template_paused_refusal(
 /// The template's caps on missions: max_running, cooldown, daily_cap.
 async fn caps(conn: &mut PgConnection, policy: &Policy, name: &str) -> OpsResult<Option<Refusal>> {
     let limits = policy.template_gates(name);
-    if let Some(max) = limits.max_running {
-        let running = count_running(conn, name).await?;
-        if running >= i64::from(max) {
-            return Ok(Some(Refusal::new(
-                "max_running",
-                format!("{running} missions of {name} are running (max_running = {max})"),
-            )));
-        }
+    if let Some(refusal) = max_running(conn, policy, name).await? {
+        return Ok(Some(refusal));
     }
     if let Some(cooldown) = limits.cooldown
         && let Some((mission, at)) = last_mission(conn, name).await?
@@ -143,6 +151,23 @@ async fn caps(conn: &mut PgConnection, policy: &Policy, name: &str) -> OpsResult
         }
     }
     Ok(None)
+}
+
+async fn max_running(
+    conn: &mut PgConnection,
+    policy: &Policy,
+    name: &str,
+) -> OpsResult<Option<Refusal>> {
+    let Some(max) = policy.template_gates(name).max_running else {
+        return Ok(None);
+    };
+    let running = count_running(conn, name).await?;
+    Ok((running >= i64::from(max)).then(|| {
+        Refusal::new(
+            "max_running",
+            format!("{running} missions of {name} are running (max_running = {max})"),
+        )
+    }))
 }
 
 fn round_secs(d: std::time::Duration) -> std::time::Duration {

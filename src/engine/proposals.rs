@@ -12,7 +12,7 @@ use sqlx::{PgConnection, PgPool};
 use crate::db::{self, locks};
 use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::input;
-use crate::domain::policy::{Policy, Risk, Template};
+use crate::domain::policy::{MAX_PRIORITY, MIN_PRIORITY, Policy, Risk, Template};
 use crate::domain::vocab::EventKind;
 use crate::engine::gates;
 use crate::engine::missions::{self, PlannedStep};
@@ -31,6 +31,12 @@ pub struct NewProposal {
     pub params: BTreeMap<String, String>,
     pub proposed_by: String,
     pub source: Source,
+    /// Overrides the template's priority for this proposal (design §12).
+    pub priority: Option<i32>,
+    /// Whether this proposer may raise the priority above the template's: the CLI (the
+    /// operator's own machine) and Telegram approvers; keys, operators and automatic
+    /// proposals may only lower it.
+    pub may_raise_priority: bool,
 }
 
 /// What became of a proposal. `propose --json` prints this.
@@ -45,6 +51,7 @@ pub struct Proposed {
     pub approvals_needed: i32,
     /// For a duplicate: the proposal it duplicates.
     pub existing_id: Option<i64>,
+    pub priority: i32,
 }
 
 /// Create a proposal in its own transaction.
@@ -82,7 +89,29 @@ pub fn validate<'p>(
     let params = template
         .validate_params(&request.params)
         .map_err(|problems| OpsError::bad_input(problems.join("; ")))?;
+    priority(template, request.priority, request.may_raise_priority)?;
     Ok((template, params))
+}
+
+/// The priority a proposal runs at: `requested`, or the template's. Outside -100..=100
+/// is bad input; above the template's is refused unless `may_raise`.
+pub fn priority(template: &Template, requested: Option<i32>, may_raise: bool) -> OpsResult<i32> {
+    let Some(n) = requested else {
+        return Ok(template.priority);
+    };
+    if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&n) {
+        return Err(OpsError::bad_input(format!(
+            "priority {n} is out of range ({MIN_PRIORITY}..={MAX_PRIORITY})"
+        )));
+    }
+    if n > template.priority && !may_raise {
+        return Err(OpsError::refused(format!(
+            "priority {n} is above template {}'s ({}); only an approver may raise it",
+            template.name.as_str(),
+            template.priority
+        )));
+    }
+    Ok(n)
 }
 
 /// Create a proposal inside the caller's transaction (the heartbeat creates many in one).
@@ -110,6 +139,7 @@ pub async fn propose_in(
     let rule = policy.approval.rule(template.risk);
     let plan = plan(policy, template, &params);
     let ttl = db::interval(policy.approval.ttl);
+    let priority = priority(template, request.priority, request.may_raise_priority)?;
     let status = if refusal.is_some() {
         ProposalStatus::Rejected
     } else {
@@ -126,6 +156,7 @@ pub async fn propose_in(
         approvals_needed: rule.approvals as i32,
         self_approval: rule.self_approval,
         ttl,
+        priority,
     };
     let id = match &refusal {
         None => store::insert_pending(conn, &row).await?,
@@ -159,6 +190,7 @@ pub async fn propose_in(
         risk: template.risk,
         approvals_needed: rule.approvals as i32,
         existing_id: None,
+        priority,
     };
 
     if let Some(refusal) = refusal {

@@ -121,6 +121,8 @@ async fn decide(
         params: rule.resolve_params(event.id, &event.kind, &event.source, &event.payload),
         proposed_by: format!("reaction:{}", rule.name),
         source: Source::Reaction,
+        priority: None,
+        may_raise_priority: false,
     };
     let (template, params) = match proposals::validate(policy, &request) {
         Ok(ok) => ok,

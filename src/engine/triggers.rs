@@ -50,6 +50,8 @@ pub async fn fire_due(
                 params: trigger.params.clone(),
                 proposed_by: format!("trigger:{}", trigger.name),
                 source: Source::Trigger,
+                priority: None,
+                may_raise_priority: false,
             };
             match proposals::validate(policy, &request) {
                 Ok((template, params)) => {

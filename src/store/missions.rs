@@ -4,7 +4,10 @@
 //! create ─▶ running ──finalize_succeeded──▶ succeeded   (every step succeeded)
 //!           running ──fail──▶ failed                      (a step out of attempts)
 //!           running ──cancel──▶ cancelled                 (a person; taken `lock` FOR UPDATE first)
+//! failed, cancelled ──reopen──▶ running                  (a retry, under `lock`)
 //! ```
+//!
+//! The kill switch takes every running mission `lock_running` and cancels each.
 //!
 //! An ending that depends on its mission still running takes it `FOR KEY SHARE`
 //! (`lock_stopped`), so it and a cancel are ordered: one sees the other.
@@ -17,11 +20,12 @@ use crate::domain::error::OpsResult;
 use crate::domain::vocab::{EventKind, MissionStatus, Source};
 use crate::store::events::insert_events;
 
-/// A new running mission of an approved proposal.
+/// A new running mission of an approved proposal, at the proposal's priority.
 pub async fn create(conn: &mut PgConnection, proposal_id: i64, template: &str) -> OpsResult<i64> {
     Ok(sqlx::query_scalar(
-        "INSERT INTO ops_missions (proposal_id, template, status, started_at)
-         VALUES ($1, $2, 'running', now()) RETURNING id",
+        "INSERT INTO ops_missions (proposal_id, template, status, started_at, priority)
+         SELECT $1, $2, 'running', now(), p.priority FROM ops_mission_proposals p WHERE p.id = $1
+         RETURNING id",
     )
     .bind(proposal_id)
     .bind(template)
@@ -38,6 +42,49 @@ pub async fn lock(conn: &mut PgConnection, mission_id: i64) -> OpsResult<Option<
             .fetch_optional(conn)
             .await?,
     )
+}
+
+/// Every running mission's id, oldest first, each row locked `FOR UPDATE` until the
+/// caller's transaction ends (the kill switch cancels them all at once).
+pub async fn lock_running(conn: &mut PgConnection) -> OpsResult<Vec<i64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM ops_missions WHERE status = 'running' ORDER BY id FOR UPDATE",
+    )
+    .fetch_all(conn)
+    .await?)
+}
+
+/// What a retry needs to know of a mission it holds (`lock`).
+#[derive(Debug, sqlx::FromRow)]
+pub struct Retryable {
+    pub template: String,
+    pub proposal_id: i64,
+    pub risk: String,
+}
+
+/// A mission's template, proposal and risk (for a retry's checks).
+pub async fn retryable(conn: &mut PgConnection, mission_id: i64) -> OpsResult<Retryable> {
+    Ok(sqlx::query_as(
+        "SELECT m.template, m.proposal_id, p.risk
+         FROM ops_missions m JOIN ops_mission_proposals p ON p.id = m.proposal_id
+         WHERE m.id = $1",
+    )
+    .bind(mission_id)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// A failed or cancelled mission is running again (a retry). False when it was in
+/// another state. The caller holds its `lock`.
+pub async fn reopen(conn: &mut PgConnection, mission_id: i64) -> OpsResult<bool> {
+    let reopened = sqlx::query(
+        "UPDATE ops_missions SET status = 'running', error = NULL, finished_at = NULL
+         WHERE id = $1 AND status IN ('failed', 'cancelled')",
+    )
+    .bind(mission_id)
+    .execute(conn)
+    .await?;
+    Ok(reopened.rows_affected() > 0)
 }
 
 /// Mark a running mission cancelled (`error` says by whom). Returns its template, or

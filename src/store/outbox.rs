@@ -1,6 +1,8 @@
 //! Owner of `ops_notifications`, the Telegram outbox. A row is queued pending: by the
 //! events trigger (migrations/0002_outbox.sql) in the event's own transaction, or here
-//! (`enqueue_replies`, `enqueue_prompt_refreshes`, `adopt_prompt`). The sender takes each
+//! (`enqueue_replies`, `enqueue_prompt_refreshes`, `enqueue_failure_edits`, `enqueue_for_admins`,
+//! `adopt_prompt`; a command's reply is reserved before the command runs,
+//! `reserve_reply`, and filled after, `fill_reply`). The sender takes each
 //! chat's oldest pending row (`heads`), marks it in flight before calling Telegram
 //! (`mark_in_flight`), then: `mark_sent` (with the refreshes of the same prompt or card
 //! it covered), `retry_later` (backoff), `slow_down_chat` (a 429: the whole chat
@@ -29,6 +31,9 @@ pub struct Pending {
     pub action: String,
     pub event_id: Option<i64>,
     pub body: Value,
+    /// For a `send` row: the message it edits (a failure message after a retry); else
+    /// None until it is sent.
+    pub message_id: Option<i64>,
     pub attempts: i32,
     pub error: Option<String>,
     /// Its `run_after` has come.
@@ -57,6 +62,114 @@ pub async fn enqueue_replies(
     )
     .bind(chat_id)
     .bind(bodies)
+    .bind(channels::OUTBOX)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// How long a reserved reply holds its chat's queue at most: past it, a reply never
+/// filled (the bot stopped mid-command) is given up and the chat goes on.
+const RESERVED_FOR: &str = "60 seconds";
+/// What a reserved reply's row says until it is filled.
+pub const RESERVED: &str = "reserved for the reply to a command";
+
+/// Reserve the next message of `chat_id` for the reply to a command that is about to
+/// run: the row holds the chat's queue (the sender sends each chat's rows in order), so
+/// whatever the command causes there (a mission card, a prompt) comes after its reply.
+/// Committed at once; returns its id for [`fill_reply`].
+pub async fn reserve_reply(pool: &PgPool, chat_id: i64) -> OpsResult<i64> {
+    Ok(sqlx::query_scalar(&format!(
+        "INSERT INTO ops_notifications (chat_id, subject, action, run_after, error)
+         VALUES ($1, 'reply', 'send', now() + interval '{RESERVED_FOR}', $2) RETURNING id"
+    ))
+    .bind(chat_id)
+    .bind(RESERVED)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Fill reserved reply `id` with the first of `bodies` (`{"text": ...}`) and queue the
+/// rest after it; when the reservation was given up meanwhile, queue them all anew.
+pub async fn fill_reply(
+    conn: &mut PgConnection,
+    id: i64,
+    chat_id: i64,
+    mut bodies: Vec<Value>,
+) -> OpsResult<()> {
+    if bodies.is_empty() {
+        bodies.push(serde_json::json!({ "text": "✔️" }));
+    }
+    let filled = sqlx::query(
+        "UPDATE ops_notifications SET body = $2, run_after = now(), error = NULL
+         WHERE id = $1 AND status = 'pending' AND error = $3",
+    )
+    .bind(id)
+    .bind(&bodies[0])
+    .bind(RESERVED)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    let rest = if filled > 0 {
+        bodies.split_off(1)
+    } else {
+        bodies
+    };
+    if rest.is_empty() {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(channels::OUTBOX)
+            .execute(conn)
+            .await?;
+        return Ok(());
+    }
+    enqueue_replies(conn, chat_id, rest).await
+}
+
+/// Queue a message about event `event_id` (the kill switch's) to every admin who started
+/// the bot, whatever `notify.events` says, except those the events trigger already
+/// tells (subscribers, when `notify.events` names the kind). Written by the engine in
+/// the event's transaction: a trigger of its own would cost every event insert, the
+/// worker's hot path included, for an event that is rare.
+pub async fn enqueue_for_admins(conn: &mut PgConnection, event_id: i64) -> OpsResult<()> {
+    sqlx::query(
+        "WITH e AS (SELECT id, kind FROM ops_agent_events WHERE id = $1),
+         patterns AS (
+            SELECT jsonb_array_elements_text(value->'like') AS p FROM ops_policy WHERE key = 'notify'),
+         n AS (
+            INSERT INTO ops_notifications (chat_id, subject, action, event_id)
+            SELECT u.telegram_id, 'event:' || e.id, 'send', e.id
+            FROM e CROSS JOIN ops_users u
+            WHERE u.started AND u.role = 'admin'
+              AND NOT (u.subscribed AND EXISTS (SELECT 1 FROM patterns WHERE e.kind LIKE patterns.p))
+            RETURNING id)
+         SELECT pg_notify($2, '') FROM n LIMIT 1",
+    )
+    .bind(event_id)
+    .bind(channels::OUTBOX)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Queue an edit of every failure message of mission `mission_id` that was sent (a
+/// retry: they show who retried it, without their button). Rendered when sent.
+pub async fn enqueue_failure_edits(
+    conn: &mut PgConnection,
+    mission_id: i64,
+    failed_kind: &str,
+) -> OpsResult<()> {
+    sqlx::query(
+        "WITH n AS (
+            INSERT INTO ops_notifications (chat_id, subject, action, event_id, message_id)
+            SELECT DISTINCT ON (n.chat_id, n.message_id) n.chat_id, n.subject, 'send', n.event_id, n.message_id
+            FROM ops_notifications n JOIN ops_agent_events e ON e.id = n.event_id
+            WHERE n.action = 'send' AND n.status = 'sent' AND n.message_id IS NOT NULL
+              AND e.mission_id = $1 AND e.kind = $2
+            RETURNING id)
+         SELECT pg_notify($3, '') FROM n LIMIT 1",
+    )
+    .bind(mission_id)
+    .bind(failed_kind)
     .bind(channels::OUTBOX)
     .execute(conn)
     .await?;
@@ -179,7 +292,7 @@ pub async fn enqueue_reminders(conn: &mut PgConnection, subjects: &[String]) -> 
 /// order per chat holds.
 pub async fn heads(pool: &PgPool, limit: i64) -> OpsResult<Vec<Pending>> {
     Ok(sqlx::query_as(
-        "SELECT DISTINCT ON (chat_id) id, chat_id, subject, action, event_id, body, attempts,
+        "SELECT DISTINCT ON (chat_id) id, chat_id, subject, action, event_id, body, message_id, attempts,
                 error, run_after <= now() AS due
          FROM ops_notifications WHERE status = 'pending'
          ORDER BY chat_id, id LIMIT $1",

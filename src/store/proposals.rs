@@ -29,6 +29,8 @@ pub struct NewRow<'a> {
     pub self_approval: bool,
     /// How long it waits for a decision.
     pub ttl: chrono::Duration,
+    /// Its mission's steps are claimed in this order (-100..=100, higher first).
+    pub priority: i32,
 }
 
 /// Record a proposal waiting for approval. Returns its id.
@@ -64,9 +66,9 @@ async fn insert(
     Ok(sqlx::query_scalar(
         "INSERT INTO ops_mission_proposals
             (template, params, risk, proposed_by, source, reason, status, plan,
-             approvals_needed, self_approval, expires_at, decided_by, decided_at)
+             approvals_needed, self_approval, expires_at, decided_by, decided_at, priority)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + $11, $12,
-                 CASE WHEN $7 = 'rejected' THEN now() END)
+                 CASE WHEN $7 = 'rejected' THEN now() END, $13)
          RETURNING id",
     )
     .bind(row.template)
@@ -81,6 +83,7 @@ async fn insert(
     .bind(row.self_approval)
     .bind(row.ttl)
     .bind(decided_by)
+    .bind(row.priority)
     .fetch_one(conn)
     .await?)
 }

@@ -9,6 +9,7 @@
 //! running ──store_endings──▶ skipped (its `when` did not hold) | asking (an ask step)
 //! asking ──answer_asking──▶ succeeded | ──fail_asking──▶ failed   (its question expired)
 //! waiting, queued, asking ──cancel_remaining──▶ cancelled   (the mission failed or was cancelled)
+//! failed, cancelled ──requeue_from──▶ queued, and the steps after it ▶ waiting   (a retry)
 //! running: record_progress keeps the latest `::progress` line (fenced like the rest)
 //! ```
 //!
@@ -26,8 +27,9 @@ use crate::domain::vocab::{EventKind, MissionStatus, Source, StepStatus};
 use crate::store::events::insert_events;
 use crate::store::runs::insert_runs;
 
-/// Insert a mission's steps in order: the first `queued`, the rest `waiting`. The
-/// insert trigger wakes the workers. The slices are the steps' columns, in order.
+/// Insert a mission's steps in order: the first `queued`, the rest `waiting`, each at
+/// its mission's priority. The insert trigger wakes the workers. The slices are the
+/// steps' columns, in order.
 pub async fn create(
     conn: &mut PgConnection,
     mission_id: i64,
@@ -38,9 +40,10 @@ pub async fn create(
     conditions: &[Option<Value>],
 ) -> OpsResult<()> {
     sqlx::query(
-        "INSERT INTO ops_mission_steps (mission_id, seq, name, kind, spec, max_attempts, condition, status)
+        "INSERT INTO ops_mission_steps (mission_id, seq, name, kind, spec, max_attempts, condition, status, priority)
          SELECT $1, s.seq, s.name, s.kind, s.spec, s.max_attempts, s.condition,
-                CASE WHEN s.seq = 1 THEN 'queued' ELSE 'waiting' END
+                CASE WHEN s.seq = 1 THEN 'queued' ELSE 'waiting' END,
+                (SELECT m.priority FROM ops_missions m WHERE m.id = $1)
          FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int[], $6::jsonb[])
               WITH ORDINALITY AS s(name, kind, spec, max_attempts, condition, seq)",
     )
@@ -71,7 +74,8 @@ pub struct Claimed {
     pub outputs: Option<Value>,
 }
 
-/// Claim up to `limit` ready steps (oldest first) unless paused, starting a new
+/// Claim up to `limit` ready steps (highest priority first, then those ready longest,
+/// then by id; the ready index is in that order, so no sort) unless paused, starting a new
 /// attempt of each and writing their `step.started` events, in one statement. A step
 /// whose mission is no longer running (cancelled, failed) is never claimed.
 pub async fn claim_ready(
@@ -86,7 +90,7 @@ pub async fn claim_ready(
             WHERE status = 'queued' AND run_after <= now()
               AND (SELECT m.status FROM ops_missions m WHERE m.id = ops_mission_steps.mission_id) = 'running'
               AND NOT (SELECT paused FROM ops_paused())
-            ORDER BY run_after, id
+            ORDER BY priority DESC, run_after, id
             LIMIT $2
             FOR UPDATE SKIP LOCKED
          ), claimed AS (
@@ -95,7 +99,7 @@ pub async fn claim_ready(
                 lease_expires_at = now() + $3, started_at = now(), finished_at = NULL
             -- = ANY(ARRAY(..)): look the rows up by key; a join here seq-scans the table.
             WHERE s.id = ANY(ARRAY(SELECT id FROM ready))
-            RETURNING s.id, s.mission_id, s.seq, s.name, s.spec, s.attempts, s.condition
+            RETURNING s.id, s.mission_id, s.seq, s.name, s.spec, s.attempts, s.condition, s.priority
          ), started AS (",
         insert_events!(
             kinds: ["$4"],
@@ -115,7 +119,8 @@ pub async fn claim_ready(
          CROSS JOIN LATERAL (
             SELECT p.params FROM ops_missions m JOIN ops_mission_proposals p ON p.id = m.proposal_id
             WHERE m.id = c.mission_id) x
-         ORDER BY c.id"
+         -- the worker starts them in this order (prefetched steps wait for a slot)
+         ORDER BY c.priority DESC, c.id"
     ))
     .bind(owner)
     .bind(limit)
@@ -330,6 +335,69 @@ pub async fn cancel_remaining(conn: &mut PgConnection, mission_id: i64) -> OpsRe
     .execute(conn)
     .await?
     .rows_affected())
+}
+
+/// The step that stopped a mission: its first that neither succeeded nor was skipped.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Stopping {
+    pub id: i64,
+    pub seq: i32,
+    pub name: String,
+    pub status: StepStatus,
+    pub attempts: i32,
+}
+
+/// The step that stopped mission `mission_id` (None: every step succeeded or was
+/// skipped), its row locked until the caller's transaction ends.
+pub async fn stopping(conn: &mut PgConnection, mission_id: i64) -> OpsResult<Option<Stopping>> {
+    Ok(sqlx::query_as(
+        "SELECT id, seq, name, status, attempts FROM ops_mission_steps
+         WHERE mission_id = $1 AND status NOT IN ('succeeded', 'skipped')
+         ORDER BY seq LIMIT 1 FOR UPDATE",
+    )
+    .bind(mission_id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// A retry: the mission's step `seq` is queued again with a fresh allowance of attempts
+/// (its plan's `max_attempts` on top of those made: attempt numbers go on counting) and
+/// the steps after it wait again; earlier steps are left as they are. The caller holds
+/// the mission's lock and wakes the workers.
+pub async fn requeue_from(conn: &mut PgConnection, mission_id: i64, seq: i32) -> OpsResult<u64> {
+    Ok(sqlx::query(
+        "UPDATE ops_mission_steps s SET
+            status = CASE WHEN s.seq = $2 THEN 'queued' ELSE 'waiting' END,
+            max_attempts = s.attempts + coalesce(
+                (SELECT (p.plan->(s.seq - 1)->>'max_attempts')::int
+                 FROM ops_missions m JOIN ops_mission_proposals p ON p.id = m.proposal_id
+                 WHERE m.id = s.mission_id),
+                s.max_attempts),
+            run_after = now(), error = NULL, result = NULL, output = NULL, progress = NULL, lease_owner = NULL,
+            lease_expires_at = NULL, started_at = NULL, finished_at = NULL
+         WHERE s.mission_id = $1 AND s.seq >= $2",
+    )
+    .bind(mission_id)
+    .bind(seq)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// The tail of a step's stored stderr (its last attempt's), at most `max` characters.
+pub async fn stderr_tail(
+    conn: &mut PgConnection,
+    step_id: i64,
+    max: i32,
+) -> OpsResult<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT nullif(right(result->>'stderr', $2), '') FROM ops_mission_steps WHERE id = $1",
+    )
+    .bind(step_id)
+    .bind(max)
+    .fetch_optional(conn)
+    .await?
+    .flatten())
 }
 
 /// A running step whose lease ran out, with its mission's status.

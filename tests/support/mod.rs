@@ -292,6 +292,8 @@ pub fn request(
             .collect(),
         proposed_by: by.into(),
         source: opsloop::engine::proposals::Source::Cli,
+        priority: None,
+        may_raise_priority: false,
     }
 }
 

@@ -551,11 +551,20 @@ impl Default for RetentionPolicy {
     }
 }
 
+/// The range of priorities (design §12): higher is claimed first.
+pub const MIN_PRIORITY: i32 = -100;
+pub const MAX_PRIORITY: i32 = 100;
+/// `priority=N` in a proposal (`/propose … priority=N`) sets its priority, so no
+/// template may take a param of that name.
+pub const PRIORITY_PARAM: &str = "priority";
+
 #[derive(Debug, Clone)]
 pub struct Template {
     pub name: TemplateName,
     pub description: String,
     pub risk: Risk,
+    /// Its proposals' priority unless one overrides it (-100..=100, default 0).
+    pub priority: i32,
     pub params: BTreeMap<String, ParamSpec>,
     pub steps: Vec<StepTemplate>,
 }

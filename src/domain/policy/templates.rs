@@ -7,7 +7,10 @@ use regex::Regex;
 
 use super::read::{self, Ctx, Fields, Val};
 use super::talk::{Steps, ask, condition};
-use super::{ParamSpec, Risk, StepTemplate, Template, TemplateName};
+use super::{
+    MAX_PRIORITY, MIN_PRIORITY, PRIORITY_PARAM, ParamSpec, Risk, StepTemplate, Template,
+    TemplateName,
+};
 use crate::domain::steps::{StepKind, StepSpec};
 
 pub(super) const ANCHOR_START: &str = "^(?:";
@@ -96,9 +99,13 @@ fn template(
     name: Option<TemplateName>,
     params: &mut BTreeMap<String, Option<ParamSpec>>,
 ) -> Option<Template> {
-    let known = ["description", "risk", "params", "steps"];
+    let known = ["description", "risk", "priority", "params", "steps"];
     let f = Fields::new(ctx, v, path, &known)?;
     let description = f.string(ctx, "description").unwrap_or_default();
+    let priority = match f.get("priority") {
+        None => Some(0),
+        Some(pv) => priority(ctx, pv, &f.path("priority")),
+    };
     let risk = f.required(ctx, "risk").and_then(|rv| {
         let path = f.path("risk");
         let s = read::string(ctx, rv, &path)?;
@@ -117,6 +124,7 @@ fn template(
         name: name?,
         description,
         risk: risk?,
+        priority: priority?,
         params: params
             .iter()
             .filter_map(|(k, s)| Some((k.clone(), s.clone()?)))
@@ -136,9 +144,26 @@ fn param_table(ctx: &mut Ctx, v: &Val, path: &str, out: &mut BTreeMap<String, Op
         if !valid_param_name(name) {
             let message = format!("invalid param name {name:?} (lowercase letter, then a-z 0-9 _)");
             ctx.problem(&key.span(), &path, message);
+        } else if name == PRIORITY_PARAM {
+            let message =
+                "priority is not a valid param name: `priority=N` sets a proposal's priority";
+            ctx.problem(&key.span(), &path, message);
         }
         let spec = param(ctx, value, &path);
         out.insert(name.to_string(), spec);
+    }
+}
+
+/// A template's priority: an integer from -100 to 100.
+fn priority(ctx: &mut Ctx, v: &Val, path: &str) -> Option<i32> {
+    let n = read::integer(ctx, v, path)?;
+    match i32::try_from(n) {
+        Ok(n) if (MIN_PRIORITY..=MAX_PRIORITY).contains(&n) => Some(n),
+        _ => {
+            let message = format!("{n} is out of range ({MIN_PRIORITY}..={MAX_PRIORITY})");
+            ctx.problem(&v.span(), path, message);
+            None
+        }
     }
 }
 

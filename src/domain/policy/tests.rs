@@ -472,3 +472,43 @@ fn defaults_when_sections_are_absent() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<Policy>();
 }
+
+#[test]
+fn template_priority_is_an_integer_in_range_and_not_a_param() {
+    let p = parse_ok(
+        r#"[templates.urgent]
+risk = "low"
+priority = 100
+steps = [{ name = "x", kind = "noop" }]
+[templates.plain]
+risk = "low"
+steps = [{ name = "x", kind = "noop" }]
+"#,
+    );
+    assert_eq!(p.templates.values().map(|t| t.priority).max(), Some(100));
+    assert_eq!(p.templates.values().map(|t| t.priority).min(), Some(0));
+    let src = r#"[templates.t]
+risk = "low"
+priority = 101
+params.priority = { pattern = '\d+' }
+steps = [{ name = "x", kind = "noop" }]
+[templates.u]
+risk = "low"
+priority = "high"
+steps = [{ name = "x", kind = "noop" }]
+"#;
+    let problems = parse(src).expect_err("must fail");
+    let all: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    let expect = [
+        "line 3, column 12: templates.t.priority: 101 is out of range (-100..=100)",
+        "templates.t.params.priority: priority is not a valid param name",
+        "templates.u.priority:",
+    ];
+    for e in expect {
+        assert!(
+            all.iter().any(|p| p.contains(e)),
+            "missing {e:?} in {all:#?}"
+        );
+    }
+    assert_eq!(all.len(), expect.len(), "{all:#?}");
+}

@@ -2,6 +2,7 @@
 //! here (their statements in `store::missions` and `store::steps`); the worker moves
 //! steps along (`progress`), the heartbeat recovers lost leases and finalizes.
 
+pub mod controls;
 pub mod progress;
 
 use chrono::{DateTime, Utc};
@@ -76,7 +77,21 @@ pub async fn create(
 /// cancel: no step of a cancelled mission is queued, retried or claimed again.
 pub async fn cancel(pool: &PgPool, mission_id: i64, actor: &str, source: &str) -> OpsResult<()> {
     let mut tx = pool.begin().await?;
-    let status = store::missions::lock(&mut tx, mission_id)
+    cancel_in(&mut tx, mission_id, actor, source).await?;
+    tx.commit().await?;
+    crate::engine::telemetry::mission_finished(MissionStatus::Cancelled.as_str());
+    Ok(())
+}
+
+/// [`cancel`] inside the caller's transaction (the kill switch cancels every running
+/// mission in one); the caller counts it (`telemetry::mission_finished`) after commit.
+pub async fn cancel_in(
+    tx: &mut PgConnection,
+    mission_id: i64,
+    actor: &str,
+    source: &str,
+) -> OpsResult<()> {
+    let status = store::missions::lock(&mut *tx, mission_id)
         .await?
         .ok_or_else(|| OpsError::bad_input(format!("there is no mission #{mission_id}")))?;
     let already = || OpsError::refused(format!("mission #{mission_id} is already {status}"));
@@ -84,22 +99,20 @@ pub async fn cancel(pool: &PgPool, mission_id: i64, actor: &str, source: &str) -
         return Err(already());
     }
     let by = format!("cancelled by {actor}");
-    let template = store::missions::cancel(&mut tx, mission_id, &by)
+    let template = store::missions::cancel(&mut *tx, mission_id, &by)
         .await?
         .ok_or_else(already)?;
-    store::steps::cancel_remaining(&mut tx, mission_id).await?;
+    store::steps::cancel_remaining(&mut *tx, mission_id).await?;
     let cause = source.parse().unwrap_or(crate::domain::vocab::Source::Cli);
-    crate::engine::questions::cancel_of_mission(&mut tx, mission_id, cause).await?;
+    crate::engine::questions::cancel_of_mission(&mut *tx, mission_id, cause).await?;
     events::emit(
-        &mut tx,
+        &mut *tx,
         NewEvent::new(EventKind::MissionCancelled, source.to_string())
             .mission(mission_id)
             .payload(json!({ "template": template, "by": actor })),
     )
     .await?;
-    store::missions::announce_cancel(&mut tx, mission_id).await?;
-    tx.commit().await?;
-    crate::engine::telemetry::mission_finished(MissionStatus::Cancelled.as_str());
+    store::missions::announce_cancel(&mut *tx, mission_id).await?;
     Ok(())
 }
 
@@ -114,6 +127,8 @@ pub struct MissionSummary {
     pub finished_at: Option<DateTime<Utc>>,
     pub steps_total: i64,
     pub steps_done: i64,
+    /// Its steps are claimed in this order (-100..=100, higher first).
+    pub priority: i32,
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -141,7 +156,7 @@ pub struct MissionView {
     pub steps: Vec<StepView>,
 }
 
-const SUMMARY: &str = "SELECT m.id, m.proposal_id, m.template, m.status, m.error, m.created_at, m.finished_at,
+const SUMMARY: &str = "SELECT m.id, m.proposal_id, m.template, m.status, m.error, m.created_at, m.finished_at, m.priority,
             (SELECT count(*) FROM ops_mission_steps s WHERE s.mission_id = m.id) AS steps_total,
             (SELECT count(*) FROM ops_mission_steps s WHERE s.mission_id = m.id AND s.status IN ('succeeded', 'skipped')) AS steps_done
      FROM ops_missions m";

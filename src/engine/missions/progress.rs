@@ -279,6 +279,9 @@ fn emitted_event(result: &Value) -> Option<(String, Value)> {
     Some((event, payload))
 }
 
+/// How much of a failed step's stderr its `mission.failed` event keeps (characters).
+const STDERR_TAIL: i32 = 1500;
+
 /// A step out of attempts: dead-letter it, fail its mission, cancel what follows.
 pub(crate) async fn fail_for_good(
     conn: &mut PgConnection,
@@ -298,6 +301,8 @@ pub(crate) async fn fail_for_good(
             .payload(json!({ "name": name, "attempts": attempts, "error": error })),
     )
     .await?;
+    // The failure message shows the tail of what the step said on stderr.
+    let stderr = steps::stderr_tail(conn, step_id, STDERR_TAIL).await?;
     steps::cancel_remaining(conn, mission_id).await?;
     let why = format!("step {name} failed: {error}");
     let Some(failed) = missions::fail(conn, mission_id, &why).await? else {
@@ -311,6 +316,7 @@ pub(crate) async fn fail_for_good(
             .mission(mission_id)
             .payload(json!({
                 "template": failed.template, "params": failed.params, "step": name, "error": error,
+                "step_id": step_id, "attempts": attempts, "stderr": stderr,
             })),
     )
     .await?;

@@ -30,6 +30,24 @@ pub async fn enqueue_text(conn: &mut PgConnection, chat_id: i64, text: &str) -> 
     outbox::enqueue_replies(conn, chat_id, bodies).await
 }
 
+/// Hold `chat_id`'s place for the reply to a command about to run
+/// (`store::outbox::reserve_reply`): what the command causes there comes after it.
+pub use crate::store::outbox::reserve_reply;
+
+/// Queue the reply `text` in the place `slot` reserved for it (pages after it).
+pub async fn fill_reply(
+    conn: &mut PgConnection,
+    slot: i64,
+    chat_id: i64,
+    text: &str,
+) -> OpsResult<()> {
+    let bodies: Vec<Value> = paged(text)
+        .into_iter()
+        .map(|text| json!({ "text": text }))
+        .collect();
+    outbox::fill_reply(conn, slot, chat_id, bodies).await
+}
+
 /// The messages a reply becomes: one when it fits, else pages marked `(1/3)`.
 fn paged(text: &str) -> Vec<String> {
     // Room for the page mark and the cut note.

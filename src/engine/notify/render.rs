@@ -46,6 +46,10 @@ pub fn approve_data(id: i64) -> String {
 pub fn reject_data(id: i64) -> String {
     format!("r:{id}")
 }
+/// Callback data of a failure message's Retry button: `retry:MISSION_ID`.
+pub fn retry_data(mission_id: i64) -> String {
+    format!("retry:{mission_id}")
+}
 
 fn params_lines(params: &Value) -> String {
     match params.as_object() {
@@ -282,6 +286,12 @@ pub async fn mission(pool: &PgPool, mission_id: i64) -> OpsResult<Rendered> {
         {
             text.push_str(&format!(" (attempt {}/{})", s.attempts, s.max_attempts));
         }
+        // How long its last attempt took, once it ended.
+        if let (Some(start), Some(end)) = (s.started_at, s.finished_at)
+            && let Ok(took) = (end - start).to_std()
+        {
+            text.push_str(&format!(" · {}", took_text(took)));
+        }
         if s.status == crate::domain::vocab::StepStatus::Running
             && let Some(p) = &s.progress
         {
@@ -328,13 +338,45 @@ pub async fn event(pool: &PgPool, event_id: i64) -> OpsResult<Rendered> {
             .to_string()
     };
     let text = match kind.parse::<EventKind>() {
-        Ok(EventKind::MissionFailed) => format!(
-            "❌ <b>mission #{}</b> ({}) failed at step {}: {}",
+        Ok(EventKind::MissionFailed) => {
+            return failure(pool, mission.unwrap_or(0), &payload).await;
+        }
+        Ok(EventKind::MissionRetried) => format!(
+            "🔁 <b>mission #{}</b> ({}) retried by {} from step {} (attempt {})",
             mission.unwrap_or(0),
             escape(&s("template")),
+            escape(&who(pool, &s("by")).await),
             escape(&s("step")),
-            escape(&cut(&s("error"), 1000))
+            payload.get("attempt").and_then(Value::as_i64).unwrap_or(0)
         ),
+        Ok(EventKind::SystemKilled) => {
+            let ids: Vec<String> = payload
+                .get("missions")
+                .and_then(Value::as_array)
+                .map(|ids| {
+                    ids.iter()
+                        .filter_map(Value::as_i64)
+                        .map(|m| format!("#{m}"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            format!(
+                "🛑 <b>kill switch</b> by {}: {} running mission{} cancelled{}; opsloop is paused until /resume.{}",
+                escape(&who(pool, &s("by")).await),
+                ids.len(),
+                if ids.len() == 1 { "" } else { "s" },
+                if ids.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", cut(&ids.join(", "), 1000))
+                },
+                payload
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .map(|r| format!("\nreason: {}", escape(&cut(r, 500))))
+                    .unwrap_or_default()
+            )
+        }
         Ok(EventKind::TemplatePaused) => format!(
             "⏸ template <b>{}</b> is paused after {} failed missions in a row. An admin can /resume {}",
             escape(&s("template")),
@@ -353,6 +395,75 @@ pub async fn event(pool: &PgPool, event_id: i64) -> OpsResult<Rendered> {
         ),
     };
     Ok(Rendered::text(text))
+}
+
+/// A mission's failure message: the step, its attempts, the last error and the tail of
+/// its stderr, with a Retry button until someone retried it (then who and when).
+async fn failure(pool: &PgPool, mission: i64, payload: &Value) -> OpsResult<Rendered> {
+    let s = |key: &str| payload.get(key).and_then(Value::as_str).unwrap_or("");
+    let attempts = payload.get("attempts").and_then(Value::as_i64);
+    let mut text = format!(
+        "❌ <b>mission #{mission}</b> ({}) failed at step <b>{}</b>{}: {}",
+        escape(s("template")),
+        escape(s("step")),
+        match attempts {
+            Some(1) => " after 1 attempt".to_string(),
+            Some(n) => format!(" after {n} attempts"),
+            None => String::new(),
+        },
+        escape(&cut(s("error"), 1000))
+    );
+    let stderr = s("stderr").trim_end();
+    if !stderr.is_empty() {
+        // The tail is what matters: cut from the front.
+        let chars: Vec<char> = stderr.chars().collect();
+        let tail: String = if chars.len() > STDERR_SHOWN {
+            let kept: String = chars[chars.len() - STDERR_SHOWN..].iter().collect();
+            format!("… {kept}")
+        } else {
+            stderr.to_string()
+        };
+        text.push_str(&format!("\nstderr:\n<pre>{}</pre>", escape(&tail)));
+    }
+    let step_id = payload.get("step_id").and_then(Value::as_i64);
+    let retried = match (step_id, attempts) {
+        (Some(step), Some(n)) => {
+            crate::store::dead_letters::retried(pool, step, i32::try_from(n).unwrap_or(0)).await?
+        }
+        _ => None,
+    };
+    let buttons = match retried {
+        Some((by, at)) => {
+            text.push_str(&format!(
+                "\n🔁 retried by {} at {}",
+                escape(&who(pool, &by).await),
+                at.format("%Y-%m-%d %H:%M UTC")
+            ));
+            None
+        }
+        None => Some(InlineKeyboardMarkup::new([[
+            InlineKeyboardButton::callback("🔁 Retry", retry_data(mission)),
+        ]])),
+    };
+    Ok(Rendered {
+        text: fit(&text),
+        buttons,
+        force_reply: false,
+    })
+}
+
+/// How much of the stderr tail a failure message shows (characters, before escaping).
+const STDERR_SHOWN: usize = 1200;
+
+/// A step's duration for people: `0.4s`, `12s`, `3m 05s`, `1h 02m`.
+fn took_text(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0..10 => format!("{:.1}s", d.as_secs_f64()),
+        10..60 => format!("{secs}s"),
+        60..3600 => format!("{}m {:02}s", secs / 60, secs % 60),
+        _ => format!("{}h {:02}m", secs / 3600, secs % 3600 / 60),
+    }
 }
 
 /// `tg:123` → `Ann (tg:123)` when we know the name; other actors as they are.
@@ -382,4 +493,19 @@ async fn people(pool: &PgPool, actors: &[String]) -> String {
         names.push(who(pool, a).await);
     }
     names.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_at_a_glance() {
+        let d = std::time::Duration::from_millis;
+        assert_eq!(took_text(d(420)), "0.4s");
+        assert_eq!(took_text(d(12_300)), "12s");
+        assert_eq!(took_text(d(185_000)), "3m 05s");
+        assert_eq!(took_text(d(3_720_000)), "1h 02m");
+        assert!(retry_data(i64::MAX).len() <= 64);
+    }
 }

@@ -280,10 +280,18 @@ impl Sender {
             Err(e) => return Delivery::Permanent(format!("cannot render: {e}")),
         };
         let chat = ChatId(row.chat_id);
-        // A copy (`/pending`) is a new message, edited with the others afterwards.
+        // A copy (`/pending`, a reminder) is a new message, edited with the others
+        // afterwards. A `send` row that names its message edits it (a failure message
+        // after a retry).
         let copy = row.body.get("copy").and_then(Value::as_bool) == Some(true);
-        let existing = if row.action == "send" || copy {
+        let edits = row.action == "send" && row.message_id.is_some();
+        let existing = if copy {
             Vec::new()
+        } else if row.action == "send" {
+            row.message_id
+                .and_then(|m| i32::try_from(m).ok())
+                .into_iter()
+                .collect()
         } else {
             match self.messages_of(row).await {
                 Ok(ids) => ids,
@@ -312,7 +320,7 @@ impl Sender {
                 Err(e) => return classify(e),
             }
         }
-        if shown.is_some() {
+        if shown.is_some() || edits {
             return Delivery::Sent(shown);
         }
         let mut send = self

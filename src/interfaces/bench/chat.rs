@@ -287,6 +287,8 @@ pub async fn chat(db: &Database, samples: u32) -> anyhow::Result<Value> {
                 params: [("n".to_string(), n.to_string())].into(),
                 proposed_by: "bench".into(),
                 source: Source::Cli,
+                priority: None,
+                may_raise_priority: false,
             },
         )
         .await?;

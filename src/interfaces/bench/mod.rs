@@ -318,6 +318,8 @@ pub async fn latency(db: &Database, samples: u32) -> anyhow::Result<Value> {
                 params: [("n".to_string(), n.to_string())].into(),
                 proposed_by: "bench".into(),
                 source: Source::Cli,
+                priority: None,
+                may_raise_priority: false,
             },
         )
         .await?;

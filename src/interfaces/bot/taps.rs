@@ -1,6 +1,7 @@
-//! Button taps on approval prompts. Callback data is `a:ID` or `r:ID`; everything in it
-//! is checked again on every tap (role, state, self-approval) and every tap is answered
-//! at once. The prompts themselves are edited through the outbox.
+//! Button taps: approval prompts (`a:ID`, `r:ID`) and failure messages' Retry
+//! (`retry:MISSION_ID`). Everything in the data is checked again on every tap (role,
+//! state, self-approval) and every tap is answered at once. The messages themselves are
+//! edited through the outbox.
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use super::{access, answers};
 use crate::domain::error::OpsError;
 use crate::domain::vocab::Source;
 use crate::engine::approvals::{self, Decision};
+use crate::engine::missions::controls;
 use crate::engine::notify::{self, cut};
 
 use crate::store::users::Role;
@@ -30,13 +32,21 @@ pub fn parse_data(data: &str) -> Option<(Decision, i64)> {
     Some((decision, id))
 }
 
+/// `retry:7` → 7. Anything else is None.
+pub fn parse_retry(data: &str) -> Option<i64> {
+    let id = data.strip_prefix("retry:")?;
+    id.parse().ok().filter(|id| *id > 0 && data.len() <= 64)
+}
+
 pub async fn on_tap(bot: Bot, q: CallbackQuery, state: Arc<BotState>) -> HandlerResult {
-    let answer = match q.data.as_deref().and_then(answers::parse_data) {
-        Some((question, choice)) => answer_question(&state, &q, question, choice).await,
-        None => {
-            adopt(&state, &q).await;
-            decide(&state, &q).await
-        }
+    let data = q.data.as_deref().unwrap_or("");
+    let answer = if let Some((question, choice)) = answers::parse_data(data) {
+        answer_question(&state, &q, question, choice).await
+    } else if let Some(mission) = parse_retry(data) {
+        retry(&state, &q, mission).await
+    } else {
+        adopt(&state, &q).await;
+        decide(&state, &q).await
     };
     // Callback answers are short (Telegram shows at most 200 characters).
     bot.answer_callback_query(q.id.clone())
@@ -77,6 +87,44 @@ async fn answer_question(state: &BotState, q: &CallbackQuery, id: i64, choice: u
         Err(OpsError::BadInput(m) | OpsError::Refused(m)) => m,
         Err(e) => {
             tracing::error!(error = %e, "answer tap failed");
+            "Something went wrong; try again.".into()
+        }
+    }
+}
+
+/// A Retry tap: anyone who sees the failure message may tap; the role is checked here
+/// (an operator for low risk, an approver for high and red, in the retry itself).
+async fn retry(state: &BotState, q: &CallbackQuery, mission: i64) -> String {
+    let id = q.from.id.0 as i64;
+    let user = match access::seen(&state.pool, &q.from, false).await {
+        Ok(user) => user,
+        Err(_) => return "Something went wrong; try again.".into(),
+    };
+    let Some(user) = user else {
+        return format!("Not authorized. Your Telegram id is {id}.");
+    };
+    let Some(role) = user.role().filter(|r| *r >= Role::Operator) else {
+        return format!(
+            "Not allowed: retrying needs the operator role; you are {}.",
+            user.role
+        );
+    };
+    let _ = state.policy.refresh(&state.pool).await;
+    let policy = state.policy.get().await;
+    match controls::retry(
+        &state.pool,
+        &policy,
+        mission,
+        &access::actor(&q.from),
+        Source::Telegram,
+        Some(role),
+    )
+    .await
+    {
+        Ok(retried) => retried.describe(),
+        Err(OpsError::BadInput(m) | OpsError::Refused(m)) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "retry tap failed");
             "Something went wrong; try again.".into()
         }
     }
@@ -143,6 +191,17 @@ mod tests {
             &"a:1".repeat(30),
         ] {
             assert_eq!(parse_data(bad), None, "{bad}");
+        }
+        assert_eq!(parse_retry("retry:7"), Some(7));
+        for bad in [
+            "retry:",
+            "retry:0",
+            "retry:-3",
+            "retry:x",
+            "a:7",
+            "retry:7:1",
+        ] {
+            assert_eq!(parse_retry(bad), None, "{bad}");
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::domain::policy;
 use crate::domain::vocab::Source;
 use crate::engine::approvals::{self, Decision};
 use crate::engine::gates;
-use crate::engine::missions::{self, MissionStatus};
+use crate::engine::missions::{self, MissionStatus, controls};
 use crate::engine::proposals::{self, NewProposal, ProposalStatus};
 use crate::engine::questions;
 use crate::engine::status as summary;
@@ -91,8 +91,9 @@ async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsRes
             template,
             params,
             actor,
+            priority,
             json,
-        } => propose(pool, template, &params, actor, json).await,
+        } => propose(pool, template, &params, actor, priority, json).await,
         Command::Approve { id, actor, json } => {
             decide(pool, &id, actor, Decision::Approve, None, json).await
         }
@@ -109,6 +110,16 @@ async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsRes
             value,
             actor,
         } => answer(pool, &question_id, &value, actor).await,
+        Command::Retry {
+            mission_id,
+            actor,
+            json,
+        } => retry(pool, &mission_id, actor, json).await,
+        Command::Kill {
+            reason,
+            actor,
+            json,
+        } => kill(pool, reason, actor, json).await,
         Command::Status { json } => status(pool, json).await,
         Command::Missions {
             status,
@@ -167,14 +178,27 @@ async fn propose(
     template: String,
     params: &[String],
     actor: Option<String>,
+    priority: Option<i64>,
     json: bool,
 ) -> OpsResult<i32> {
+    let priority = match priority.map(i32::try_from) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(_)) => {
+            return Err(OpsError::bad_input(
+                "--priority is out of range (-100..=100)",
+            ));
+        }
+    };
     let applied = store::require(pool).await?;
     let request = NewProposal {
         template,
         params: parse_params(params)?,
         proposed_by: whoami(actor)?,
         source: Source::Cli,
+        priority,
+        // The operator's own machine: any priority in range.
+        may_raise_priority: true,
     };
     let proposed = proposals::propose(pool, &applied.policy, request).await?;
     if json {
@@ -217,11 +241,59 @@ async fn questions_list(pool: &PgPool, json: bool) -> OpsResult<i32> {
     Ok(0)
 }
 
+/// Exit 3 when the mission is in another state, or a gate refuses the retry.
+async fn retry(
+    pool: &PgPool,
+    mission_id: &str,
+    actor: Option<String>,
+    json: bool,
+) -> OpsResult<i32> {
+    let id = parse_id(mission_id, "mission")?;
+    // The template's pause and max_running are checked as for a new mission.
+    let policy = match store::load(pool).await? {
+        Some(applied) => applied.policy,
+        None => Default::default(),
+    };
+    let retried = controls::retry(pool, &policy, id, &whoami(actor)?, Source::Cli, None).await?;
+    if json {
+        println!("{}", json!(retried));
+    } else {
+        println!("{}", retried.describe());
+    }
+    Ok(0)
+}
+
 async fn answer(pool: &PgPool, id: &str, value: &str, actor: Option<String>) -> OpsResult<i32> {
     let id = parse_id(id, "question")?;
     let by = whoami(actor)?;
     let answered = questions::answer(pool, id, value, &by, Source::Cli).await?;
     println!("question #{} answered: {}", answered.id, answered.answer);
+    Ok(0)
+}
+
+async fn kill(
+    pool: &PgPool,
+    reason: Option<String>,
+    actor: Option<String>,
+    json: bool,
+) -> OpsResult<i32> {
+    let reason = reason.map(|r| r.trim().chars().take(1000).collect::<String>());
+    let killed = controls::kill(pool, &whoami(actor)?, Source::Cli, reason.as_deref()).await?;
+    if json {
+        println!("{}", json!(killed));
+    } else {
+        let ids: Vec<String> = killed.missions.iter().map(|m| format!("#{m}")).collect();
+        println!(
+            "killed: paused, {} running mission{} cancelled{}; `opsloop resume` lifts the pause",
+            ids.len(),
+            if ids.len() == 1 { "" } else { "s" },
+            if ids.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", ids.join(", "))
+            }
+        );
+    }
     Ok(0)
 }
 

@@ -53,6 +53,9 @@ pub enum Command {
         /// Who proposes (default cli:$USER).
         #[arg(long = "as", value_name = "NAME")]
         actor: Option<String>,
+        /// Override the template's priority (-100..=100; higher is claimed first).
+        #[arg(long, allow_hyphen_values = true)]
+        priority: Option<i64>,
         #[arg(long)]
         json: bool,
     },
@@ -106,6 +109,24 @@ pub enum Command {
         value: String,
         #[arg(long = "as", value_name = "NAME")]
         actor: Option<String>,
+    },
+    /// Run failed or cancelled mission MISSION_ID again from the step that stopped it.
+    Retry {
+        mission_id: String,
+        #[arg(long = "as", value_name = "NAME")]
+        actor: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Kill switch: pause, and cancel every running mission at once (processes killed).
+    Kill {
+        /// Why (kept in the `system.killed` event and told to admins).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long = "as", value_name = "NAME")]
+        actor: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Counts by status, pending approvals, running missions, dead letters, workers, paused?
     Status {

@@ -97,6 +97,9 @@ pub(super) struct ProposalRequest {
     #[serde(default)]
     params: BTreeMap<String, Value>,
     proposed_by: String,
+    /// Overrides the template's priority, only downwards (design §12).
+    #[serde(default)]
+    priority: Option<i64>,
 }
 
 /// `POST /api/proposals`, the same entry point as `opsloop propose`: 201 with
@@ -125,14 +128,32 @@ pub(super) async fn propose(
             }
         }
     }
+    let priority = match body.priority.map(i32::try_from) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(_)) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "priority is out of range (-100..=100)",
+            ));
+        }
+    };
     let policy = current_policy(&state).await?;
     let request = NewProposal {
         template: body.template,
         params,
         proposed_by,
         source: Source::Http,
+        priority,
+        // Callers of the API may only lower a template's priority.
+        may_raise_priority: false,
     };
-    let proposed = proposals::propose(&state.pool, &policy, request).await?;
+    let proposed = match proposals::propose(&state.pool, &policy, request).await {
+        Ok(p) => p,
+        // Not a gate (that is a recorded, refused proposal): this caller may not do it.
+        Err(OpsError::Refused(msg)) => return Err(ApiError::new(StatusCode::FORBIDDEN, msg)),
+        Err(e) => return Err(e.into()),
+    };
     let status = if proposed.status == ProposalStatus::Rejected {
         StatusCode::CONFLICT
     } else {

@@ -7,6 +7,7 @@ use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::input::parse_telegram_id;
 use crate::domain::vocab::Source;
 use crate::engine::gates;
+use crate::engine::missions::controls;
 use crate::engine::notify::{cut, escape};
 use crate::interfaces::bot::BotState;
 use crate::store::users::{self, Role};
@@ -42,6 +43,25 @@ pub async fn resume(state: Arc<BotState>, caller: Caller, args: String) -> OpsRe
         }
         Some(template) => format!("Template {} is not paused.", escape(&cut(template, 64))),
     })
+}
+
+/// `/kill [reason]`: the kill switch. Pause, and every running mission cancelled now
+/// (their processes killed); admins are told by the `system.killed` event.
+pub async fn kill(state: Arc<BotState>, caller: Caller, args: String) -> OpsResult<String> {
+    let reason = args.trim();
+    let reason = (!reason.is_empty()).then(|| cut(reason, 1000));
+    let killed = controls::kill(
+        &state.pool,
+        &caller.actor(),
+        Source::Telegram,
+        reason.as_deref(),
+    )
+    .await?;
+    let n = killed.missions.len();
+    Ok(format!(
+        "🛑 Killed: paused, {n} running mission{} cancelled. /resume lifts the pause; killed missions can be retried.",
+        if n == 1 { "" } else { "s" }
+    ))
 }
 
 /// `/grant TELEGRAM_ID ROLE`.

@@ -51,6 +51,8 @@ pub enum Command {
     Cancel(String),
     #[command(description = "ID text — answer question #ID")]
     Answer(String),
+    #[command(description = "ID — run failed or cancelled mission #ID again from where it stopped")]
+    Retry(String),
     #[command(description = "what can be proposed")]
     Templates,
     #[command(description = "mission notifications in your private chat")]
@@ -63,6 +65,8 @@ pub enum Command {
     Pause,
     #[command(description = "[TEMPLATE] — resume, or lift a template's pause (admin)")]
     Resume(String),
+    #[command(description = "[reason] — pause and cancel every running mission now (admin)")]
+    Kill(String),
     #[command(description = "ID ROLE — give someone a role (admin)")]
     Grant(String),
     #[command(description = "ID — remove someone (admin)")]
@@ -85,10 +89,14 @@ impl Command {
             | Command::Subscribe
             | Command::Unsubscribe
             | Command::Whoami => Role::Viewer,
-            Command::Propose(_) | Command::Cancel(_) | Command::Answer(_) => Role::Operator,
+            // A retry of a high or red mission needs an approver: checked on its risk.
+            Command::Propose(_) | Command::Cancel(_) | Command::Answer(_) | Command::Retry(_) => {
+                Role::Operator
+            }
             Command::Approve(_) | Command::Reject(_) => Role::Approver,
             Command::Pause
             | Command::Resume(_)
+            | Command::Kill(_)
             | Command::Grant(_)
             | Command::Revoke(_)
             | Command::Users => Role::Admin,
@@ -140,10 +148,12 @@ pub fn schema() -> UpdateHandler<anyhow::Error> {
         .branch(case![C::Propose(args)].endpoint(answer_args(operator::propose)))
         .branch(case![C::Cancel(args)].endpoint(answer_args(operator::cancel)))
         .branch(case![C::Answer(args)].endpoint(answer_args(operator::answer)))
+        .branch(case![C::Retry(args)].endpoint(answer_args(operator::retry)))
         .branch(case![C::Approve(args)].endpoint(answer_args(approver::approve)))
         .branch(case![C::Reject(args)].endpoint(answer_args(approver::reject)))
         .branch(case![C::Pause].endpoint(answer(admin::pause)))
         .branch(case![C::Resume(args)].endpoint(answer_args(admin::resume)))
+        .branch(case![C::Kill(args)].endpoint(answer_args(admin::kill)))
         .branch(case![C::Grant(args)].endpoint(answer_args(admin::grant)))
         .branch(case![C::Revoke(args)].endpoint(answer_args(admin::revoke)))
         .branch(case![C::Users].endpoint(answer(admin::users)))
@@ -271,7 +281,10 @@ where
     move |state, caller| {
         let chat = caller.chat;
         let answered = command(state.clone(), caller);
-        Box::pin(async move { reply(&state, chat, &said(answered.await)).await })
+        Box::pin(async move {
+            let slot = reserve(&state, chat).await;
+            reply_in(&state, chat, slot, &said(answered.await)).await
+        })
     }
 }
 
@@ -286,7 +299,10 @@ where
     move |state, caller, args| {
         let chat = caller.chat;
         let answered = command(state.clone(), caller, args);
-        Box::pin(async move { reply(&state, chat, &said(answered.await)).await })
+        Box::pin(async move {
+            let slot = reserve(&state, chat).await;
+            reply_in(&state, chat, slot, &said(answered.await)).await
+        })
     }
 }
 
@@ -312,6 +328,29 @@ async fn reply(state: &BotState, chat: i64, text: &str) -> HandlerResult {
     Ok(())
 }
 
+/// Before a command runs: hold the chat's place for its answer, so the answer comes
+/// before whatever the command causes in this chat (a mission card, a prompt). None
+/// when the database would not take it (the answer is then queued after).
+async fn reserve(state: &BotState, chat: i64) -> Option<i64> {
+    match notify::reserve_reply(&state.pool, chat).await {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::warn!(error = %e, "bot: cannot reserve a reply's place");
+            None
+        }
+    }
+}
+
+/// Queue an answer in the place `slot` reserved for it.
+async fn reply_in(state: &BotState, chat: i64, slot: Option<i64>, text: &str) -> HandlerResult {
+    let Some(slot) = slot else {
+        return reply(state, chat, text).await;
+    };
+    let mut conn = state.pool.acquire().await?;
+    notify::fill_reply(&mut conn, slot, chat, text).await?;
+    Ok(())
+}
+
 /// The first word of `args`: the id a command is about.
 fn first<'a>(args: &'a str, what: &str) -> OpsResult<&'a str> {
     args.split_whitespace()
@@ -330,6 +369,9 @@ mod tests {
             ("/mission 3", Role::Viewer),
             ("/propose hello", Role::Operator),
             ("/cancel 3", Role::Operator),
+            ("/retry 3", Role::Operator),
+            ("/kill", Role::Admin),
+            ("/kill runaway agent", Role::Admin),
             ("/approve 3", Role::Approver),
             ("/reject 3 no", Role::Approver),
             ("/pause", Role::Admin),

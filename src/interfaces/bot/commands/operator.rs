@@ -1,4 +1,4 @@
-//! Operators propose work and cancel missions.
+//! Operators propose work, cancel missions and retry them.
 
 use std::sync::Arc;
 
@@ -6,13 +6,15 @@ use super::viewer::template_list;
 use super::{Caller, first};
 use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::input::{parse_id, parse_params};
+use crate::domain::policy::{MAX_PRIORITY, MIN_PRIORITY, PRIORITY_PARAM};
 use crate::domain::vocab::Source;
-use crate::engine::missions;
+use crate::engine::missions::{self, controls};
 use crate::engine::notify::{cut, escape};
 use crate::engine::proposals::{self, NewProposal, ProposalStatus};
 use crate::interfaces::bot::access::Pace;
 use crate::interfaces::bot::answers;
 use crate::interfaces::bot::{BotState, SLOW_DOWN};
+use crate::store::users::Role;
 
 /// `/propose TEMPLATE key=value …`: the same entry point as the CLI and HTTP. Only a
 /// valid proposal counts against the proposal rate limit; bad input gets the template's
@@ -28,11 +30,24 @@ pub async fn propose(state: Arc<BotState>, caller: Caller, args: String) -> OpsR
             template_list(&state).await
         ));
     };
+    let mut params = parse_params(params)?;
+    // `priority` is no param of any template (`policy check` refuses it): it is this.
+    let priority = match params.remove(PRIORITY_PARAM) {
+        None => None,
+        Some(n) => Some(n.trim().parse::<i32>().map_err(|_| {
+            OpsError::bad_input(format!(
+                "priority={n:?} is not a number from {MIN_PRIORITY} to {MAX_PRIORITY}"
+            ))
+        })?),
+    };
     let request = NewProposal {
         template: template.to_string(),
-        params: parse_params(params)?,
+        params,
         proposed_by: caller.actor(),
         source: Source::Telegram,
+        priority,
+        // Raising it above the template's is an approver's decision.
+        may_raise_priority: caller.user.role().is_some_and(|r| r >= Role::Approver),
     };
     let checked = proposals::validate(&policy, &request).map(|_| ());
     if checked.is_ok() {
@@ -114,4 +129,22 @@ pub async fn answer(state: Arc<BotState>, caller: Caller, args: String) -> OpsRe
         )));
     }
     answers::answer(&state, &caller.user, &caller.actor(), id, text).await
+}
+
+/// `/retry ID`: a failed or cancelled mission runs again from the step that stopped it.
+/// A high or red one needs an approver (checked on its risk, in the retry).
+pub async fn retry(state: Arc<BotState>, caller: Caller, args: String) -> OpsResult<String> {
+    let id = parse_id(first(&args, "mission")?, "mission")?;
+    let _ = state.policy.refresh(&state.pool).await;
+    let policy = state.policy.get().await;
+    let retried = controls::retry(
+        &state.pool,
+        &policy,
+        id,
+        &caller.actor(),
+        Source::Telegram,
+        Some(caller.user.role().unwrap_or(Role::Viewer)),
+    )
+    .await?;
+    Ok(format!("🔁 {}", escape(&retried.describe())))
 }
