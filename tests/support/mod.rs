@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod fake_telegram;
+pub mod pgbouncer;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -40,7 +40,10 @@ pub async fn run(command: Command) -> OpsResult<i32> {
     }
     match command {
         // Doctor reports an unreachable database instead of failing on it.
-        Command::Doctor { policy } => Ok(daemon::doctor(&settings, policy).await),
+        Command::Doctor {
+            policy,
+            max_transaction_age,
+        } => Ok(daemon::doctor(&settings, policy, max_transaction_age).await),
         Command::Run { policy } => {
             daemon::run(settings, policy).await?;
             Ok(0)

@@ -137,6 +137,9 @@ pub enum Command {
         /// Also check this policy file (default OPSLOOP_POLICY).
         #[arg(long)]
         policy: Option<PathBuf>,
+        /// Warn about transactions open longer than this (they hold back vacuum).
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+        max_transaction_age: std::time::Duration,
     },
     /// Built-in benchmarks: one JSON line per case (in a scratch database, dropped after).
     Bench {
