@@ -67,7 +67,10 @@ fn assert_clear(problems: &[policy::Problem], source: &str) {
     assert!(!problems.is_empty(), "refused without a problem");
     let lines = source.split('\n').count().max(1);
     for p in problems {
-        assert!(!p.message.trim().is_empty(), "a problem without a message: {p:?}");
+        assert!(
+            !p.message.trim().is_empty(),
+            "a problem without a message: {p:?}"
+        );
         assert!(
             p.line >= 1 && p.line <= lines + 1 && p.column >= 1,
             "a problem outside the file ({lines} lines): {p:?}"
@@ -180,10 +183,7 @@ fn worded_policy() -> impl Strategy<Value = String> {
         "[a-z0-9 ]{0,12}".prop_map(|s| format!("{s:?}")),
     ];
     proptest::collection::vec(
-        (
-            section,
-            proptest::collection::vec((key, value), 0..6),
-        ),
+        (section, proptest::collection::vec((key, value), 0..6)),
         0..6,
     )
     .prop_map(|sections| {
@@ -346,7 +346,8 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| Value::from(n)),
-        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
         nasty_text().prop_map(Value::String),
     ];
     leaf.prop_recursive(4, 32, 6, |inner| {
@@ -419,7 +420,10 @@ impl Api {
             let status = response.status().as_u16();
             let bytes = response.bytes().await.expect("body");
             let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                panic!("HTTP {status} without a JSON body: {:?}", String::from_utf8_lossy(&bytes))
+                panic!(
+                    "HTTP {status} without a JSON body: {:?}",
+                    String::from_utf8_lossy(&bytes)
+                )
             });
             (status, json)
         })
@@ -433,7 +437,10 @@ fn check_answer(status: u16, json: &serde_json::Value) {
     );
     if status >= 400 {
         let error = json["error"].as_str().unwrap_or_default();
-        assert!(!error.trim().is_empty(), "a refusal without an error: {json}");
+        assert!(
+            !error.trim().is_empty(),
+            "a refusal without an error: {json}"
+        );
     }
 }
 
@@ -445,10 +452,16 @@ fn body() -> impl Strategy<Value = Vec<u8>> {
         proptest::collection::vec(any::<u8>(), 0..200),
         json_value().prop_map(|v| v.to_string().into_bytes()),
         (nasty_text(), json_value()).prop_map(|(kind, payload)| {
-            json!({ "kind": kind, "payload": payload }).to_string().into_bytes()
+            json!({ "kind": kind, "payload": payload })
+                .to_string()
+                .into_bytes()
         }),
         (
-            prop_oneof![Just("hello".to_string()), Just("deploy".to_string()), nasty_text()],
+            prop_oneof![
+                Just("hello".to_string()),
+                Just("deploy".to_string()),
+                nasty_text()
+            ],
             proptest::collection::btree_map(nasty_text(), json_value(), 0..4),
             nasty_text()
         )
@@ -569,7 +582,15 @@ fn nasty_inputs_never_panic_and_refusals_are_clear() {
     }
     // The callback data of a prompt's buttons, and what is refused.
     assert!(parse_callback_data("a:1").is_some());
-    for refused in ["a:0", "a:-1", "a: 1", "A:1", "x:1", "a:1:2", "a:9223372036854775808"] {
+    for refused in [
+        "a:0",
+        "a:-1",
+        "a: 1",
+        "A:1",
+        "x:1",
+        "a:1:2",
+        "a:9223372036854775808",
+    ] {
         assert_eq!(parse_callback_data(refused), None, "{refused}");
     }
 }
@@ -586,22 +607,46 @@ fn nasty_http_bodies_are_refused_with_a_json_error() {
         ("/api/events", deep.clone()),
         ("/api/events", big),
         ("/api/events", r#"{"kind":"x\u0000y"}"#.into()),
-        ("/api/events", r#"{"kind":"ok","payload":{"\u0000":1}}"#.into()),
+        (
+            "/api/events",
+            r#"{"kind":"ok","payload":{"\u0000":1}}"#.into(),
+        ),
         ("/api/events", r#"{"kind":"ok","payload":"\ud800"}"#.into()),
         ("/api/events", r#"{"kind":"ok","extra":1}"#.into()),
         ("/api/events", r#"{"kind":"ok","kind":"twice"}"#.into()),
         ("/api/events", r#"{"kind":1e999}"#.into()),
         ("/api/proposals", deep),
-        ("/api/proposals", r#"{"template":"hello","params":{"name":1},"proposed_by":"x"}"#.into()),
-        ("/api/proposals", r#"{"template":"hello","params":[],"proposed_by":"x"}"#.into()),
-        ("/api/proposals", r#"{"template":"hello","proposed_by":"\u202e"}"#.into()),
-        ("/api/proposals", r#"{"template":"hello","proposed_by":""}"#.into()),
-        ("/api/proposals", r#"{"template":"","proposed_by":"x"}"#.into()),
-        ("/api/proposals", r#"{"template":"hello","params":{"name":"A"},"proposed_by":"x"}"#.into()),
+        (
+            "/api/proposals",
+            r#"{"template":"hello","params":{"name":1},"proposed_by":"x"}"#.into(),
+        ),
+        (
+            "/api/proposals",
+            r#"{"template":"hello","params":[],"proposed_by":"x"}"#.into(),
+        ),
+        (
+            "/api/proposals",
+            r#"{"template":"hello","proposed_by":"\u202e"}"#.into(),
+        ),
+        (
+            "/api/proposals",
+            r#"{"template":"hello","proposed_by":""}"#.into(),
+        ),
+        (
+            "/api/proposals",
+            r#"{"template":"","proposed_by":"x"}"#.into(),
+        ),
+        (
+            "/api/proposals",
+            r#"{"template":"hello","params":{"name":"A"},"proposed_by":"x"}"#.into(),
+        ),
     ];
     for (path, body) in bodies {
         let (status, json) = api.post(path, "application/json", body.into_bytes());
         check_answer(status, &json);
-        assert!(status >= 400 || path == "/api/events", "{path}: {status} {json}");
+        assert!(
+            status >= 400 || path == "/api/events",
+            "{path}: {status} {json}"
+        );
     }
 }

@@ -93,9 +93,10 @@ async fn session_pooling_runs_everything_and_one_of_each_singleton() {
     let url = bouncer.url(&db.url);
     let mut procs = Procs(vec![daemon(&url, &db, &fake)]);
     assert!(
-        fake.wait_for(Duration::from_secs(30), |f| polls_since(f, Instant::now()
-            - Duration::from_secs(60))
-            > 0)
+        fake.wait_for(Duration::from_secs(30), |f| polls_since(
+            f,
+            Instant::now() - Duration::from_secs(60)
+        ) > 0)
             .await,
         "the first daemon never polled through PgBouncer: {}",
         bouncer.log_text()
@@ -124,11 +125,10 @@ async fn session_pooling_runs_everything_and_one_of_each_singleton() {
     wait_succeeded(&db, 60, Duration::from_secs(60)).await;
 
     assert_eq!(overlapping_ticks(&db).await, 0, "two ticks at once");
-    let ticks: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM ops_action_runs WHERE kind = 'tick'")
-            .fetch_one(&db.pool)
-            .await
-            .expect("ticks");
+    let ticks: i64 = sqlx::query_scalar("SELECT count(*) FROM ops_action_runs WHERE kind = 'tick'")
+        .fetch_one(&db.pool)
+        .await
+        .expect("ticks");
     assert!(ticks > 0, "no tick ran through PgBouncer");
     let conflicts: Vec<_> = fake
         .requests()
@@ -149,7 +149,10 @@ async fn wait_succeeded(db: &TestDb, n: i64, limit: Duration) {
         if done >= n {
             return;
         }
-        assert!(Instant::now() < deadline, "only {done} of {n} missions succeeded");
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of {n} missions succeeded"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -190,10 +193,7 @@ async fn transaction_pooling_is_refused_with_one_line_and_doctor_names_it() {
     for outcome in outcomes {
         let (code, err) = outcome.expect("opsloop run kept running behind a transaction pooler");
         assert_eq!(code, Some(3), "refused (exit 3): {err}");
-        let refusal: Vec<&str> = err
-            .lines()
-            .filter(|l| l.starts_with("opsloop: "))
-            .collect();
+        let refusal: Vec<&str> = err.lines().filter(|l| l.starts_with("opsloop: ")).collect();
         assert_eq!(refusal.len(), 1, "one line: {err}");
         assert!(
             refusal[0].contains("transaction") && refusal[0].contains("pool_mode = session"),

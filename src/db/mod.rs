@@ -130,7 +130,9 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(10))
         // The simple protocol: no prepared statement is left behind for this.
-        .after_connect(|conn, _| Box::pin(async move { conn.execute(SESSION_SETUP).await.map(drop) }))
+        .after_connect(|conn, _| {
+            Box::pin(async move { conn.execute(SESSION_SETUP).await.map(drop) })
+        })
         .connect_with(options)
         .await
         .with_context(|| format!("cannot connect to PostgreSQL at {}", redact_url(url)))

@@ -26,11 +26,7 @@ fn server_of(url: &str) -> (String, u16, String) {
         Some(dir) => dir.display().to_string(),
         None => opts.get_host().to_string(),
     };
-    (
-        host,
-        opts.get_port(),
-        opts.get_username().to_string(),
-    )
+    (host, opts.get_port(), opts.get_username().to_string())
 }
 
 fn installed() -> bool {
@@ -47,7 +43,8 @@ fn installed() -> bool {
             .status()
             .is_ok_and(|s| s.success())
     };
-    let _ = quiet(&["install", "-y", "pgbouncer"]) || (quiet(&["update"]) && quiet(&["install", "-y", "pgbouncer"]));
+    let _ = quiet(&["install", "-y", "pgbouncer"])
+        || (quiet(&["update"]) && quiet(&["install", "-y", "pgbouncer"]));
     std::path::Path::new(BINARY).exists()
 }
 
@@ -69,19 +66,15 @@ impl PgBouncer {
     /// `server_url`; every database name is passed through as is.
     pub fn start(server_url: &str, pool_mode: &str) -> Option<PgBouncer> {
         if !installed() {
-            eprintln!(
-                "SKIPPED: pgbouncer is not installed and apt-get install pgbouncer failed"
-            );
+            eprintln!("SKIPPED: pgbouncer is not installed and apt-get install pgbouncer failed");
             return None;
         }
         let (host, port, user) = server_of(server_url);
         let free = TcpListener::bind("127.0.0.1:0").expect("a free port");
         let listen = free.local_addr().expect("addr").port();
         drop(free);
-        let dir = std::env::temp_dir().join(format!(
-            "opsloop-pgbouncer-{}-{listen}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("opsloop-pgbouncer-{}-{listen}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("pgbouncer dir");
         let log = dir.join("pgbouncer.log");
         // A plain configuration: defaults apart from where it listens, where the server
