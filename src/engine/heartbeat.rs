@@ -41,6 +41,10 @@ pub struct TickSummary {
     pub duration_ms: u64,
 }
 
+/// A tick's phases work in bounded batches and take seconds at most; one still running
+/// after this long waits on a connection that stopped answering, and is cut off.
+const TICK_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Run one tick if no other process is ticking.
 pub async fn tick(pool: &PgPool, policy: &Policy) -> OpsResult<TickSummary> {
     let started = Instant::now();
@@ -61,7 +65,18 @@ async fn tick_locked(pool: &PgPool, policy: &Policy) -> OpsResult<TickSummary> {
     else {
         return Ok(TickSummary::default());
     };
-    let outcome = phases(pool, policy, &held).await;
+    // A phase whose connection stopped answering ends with the lock (its check fails
+    // within a lease), not never: the next tick starts over on fresh connections.
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout(TICK_LIMIT, phases(pool, policy, &held)) => {
+            outcome.unwrap_or_else(|_| Err(OpsError::Other(anyhow::anyhow!(
+                "the tick took longer than {TICK_LIMIT:?} (a connection that stopped answering?); stopped"
+            ))))
+        }
+        _ = held.lost() => Err(OpsError::Other(anyhow::anyhow!(
+            "lost the heartbeat lock mid-phase; the tick stopped"
+        ))),
+    };
     held.release().await;
     outcome
 }

@@ -6,6 +6,7 @@
 
 pub mod fake_telegram;
 pub mod pgbouncer;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -38,6 +38,18 @@ async fn store(pool: &PgPool, batch: &[(Lease, Ending)], pause_after_failures: u
             tx.commit().await?;
             Ok::<Vec<bool>, crate::domain::error::OpsError>(stored)
         };
+        // Bounded, so a dead connection is given up and the batch stored on another
+        // within its leases (an answer lost after the commit is refused harmlessly).
+        let attempt = async {
+            tokio::time::timeout(super::STALLED, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(crate::domain::error::OpsError::Other(anyhow::anyhow!(
+                        "no answer within {:?}",
+                        super::STALLED
+                    )))
+                })
+        };
         match attempt.await {
             Ok(stored) => {
                 for ((lease, _), ok) in batch.iter().zip(stored) {
