@@ -189,11 +189,8 @@ fn worded_policy() -> impl Strategy<Value = String> {
     .prop_map(|sections| {
         let mut out = String::new();
         for (name, pairs) in sections {
-            if name.starts_with('[') {
-                out.push_str(&format!("[{name}]\n"));
-            } else {
-                out.push_str(&format!("[{name}]\n"));
-            }
+            // "[reactions]" becomes the array table "[[reactions]]".
+            out.push_str(&format!("[{name}]\n"));
             for (k, v) in pairs {
                 out.push_str(&format!("{k} = {v}\n"));
             }
@@ -345,7 +342,7 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(|n| Value::from(n)),
+        any::<i64>().prop_map(Value::from),
         any::<f64>()
             .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
         nasty_text().prop_map(Value::String),

@@ -7,11 +7,29 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::domain::error::{OpsError, OpsResult};
 use crate::engine::missions::progress::{self, Ending, Lease};
 use crate::store::policy::PolicyCache;
 
 /// Endings stored in one transaction at most.
 const COMPLETION_BATCH: usize = 512;
+
+/// A claim or a batch of results that has not been answered in this long is given up
+/// and tried again on another connection: its connection is presumed dead (a network
+/// that drops packets, a firewall that forgot the connection). Steps that a lost
+/// answer claimed come back after their lease.
+pub(super) const STALLED: Duration = Duration::from_secs(20);
+
+/// `call`, or an error once it has gone [`STALLED`] without an answer.
+pub(super) async fn bounded<T>(call: impl Future<Output = OpsResult<T>>) -> OpsResult<T> {
+    tokio::time::timeout(STALLED, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(OpsError::Other(anyhow::anyhow!(
+                "no answer within {STALLED:?}"
+            )))
+        })
+}
 
 /// Store endings in batches of whatever has arrived, until the sender is dropped.
 pub(super) async fn complete(
@@ -36,21 +54,11 @@ async fn store(pool: &PgPool, batch: &[(Lease, Ending)], pause_after_failures: u
             let mut tx = pool.begin().await?;
             let stored = progress::finish_batch(&mut tx, batch, pause_after_failures).await?;
             tx.commit().await?;
-            Ok::<Vec<bool>, crate::domain::error::OpsError>(stored)
+            Ok::<Vec<bool>, OpsError>(stored)
         };
         // Bounded, so a dead connection is given up and the batch stored on another
         // within its leases (an answer lost after the commit is refused harmlessly).
-        let attempt = async {
-            tokio::time::timeout(super::STALLED, attempt)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(crate::domain::error::OpsError::Other(anyhow::anyhow!(
-                        "no answer within {:?}",
-                        super::STALLED
-                    )))
-                })
-        };
-        match attempt.await {
+        match bounded(attempt).await {
             Ok(stored) => {
                 for ((lease, _), ok) in batch.iter().zip(stored) {
                     if !ok {

@@ -20,7 +20,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
 use crate::db::channels;
-use crate::domain::error::OpsError;
 use crate::domain::policy::Policy;
 use crate::domain::steps::StepSpec;
 use crate::engine::executors::{self, Executors, Outcome, StepContext};
@@ -32,10 +31,6 @@ use crate::store::workers;
 
 /// How long running steps may take to finish after SIGTERM before they are released.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// A claim or a batch of results that has not been answered in this long is given up
-/// and tried again on another connection: its connection is presumed dead (a network
-/// that drops packets, a firewall that forgot the connection).
-pub const STALLED: Duration = Duration::from_secs(20);
 /// Fallback poll when no NOTIFY arrives (PgBouncer, lost connection).
 const POLL: Duration = Duration::from_secs(1);
 /// With slots busy, wait this long for more to free before claiming, so claims batch.
@@ -164,17 +159,9 @@ impl Worker {
                 last_claim = Instant::now();
                 next_poll = last_claim + POLL;
                 let idle = running.is_empty();
+                // Bounded: a dead connection must not stop this loop (it renews leases).
                 let claim = steps::claim_ready(&self.pool, &self.id, free as i64, lease);
-                // Bounded: a connection that stopped answering must not stop this loop
-                // (it renews the leases); steps a lost answer claimed return after their lease.
-                let claimed = tokio::time::timeout(STALLED, claim)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(OpsError::Other(anyhow::anyhow!(
-                            "no answer within {STALLED:?}"
-                        )))
-                    });
-                match claimed {
+                match completer::bounded(claim).await {
                     Ok(claimed) => {
                         telemetry::steps_claimed(claimed.len());
                         if idle {
