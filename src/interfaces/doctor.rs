@@ -100,9 +100,17 @@ pub async fn doctor(
             check_old_transactions(&mut report, &db.pool, max_transaction_age).await;
             if migrated {
                 check_bloat(&mut report, &db.pool).await;
+            } else {
+                report.skip(
+                    "bloat",
+                    "the queue tables are not as this binary knows them",
+                );
             }
         }
-        None => report.skip("transactions", no_db),
+        None => {
+            report.skip("transactions", no_db);
+            report.skip("bloat", no_db);
+        }
     }
     check_http_addr(&mut report, settings.http_addr).await;
     if let Some(db) = db {
