@@ -3,7 +3,8 @@
 //! finalized → one `ops_action_runs` row. One tick at a time across all hosts: a
 //! session advisory lock taken for the tick on a connection of its own
 //! (`db::singleton`), released when the tick ends or the holder dies. The tick checks
-//! it still holds the lock before each phase, and stops at the first phase it does not.
+//! it still holds the lock before each phase, and stops at the first phase it does not;
+//! a tick whose lock is lost mid-phase (its check failed) is cut off there.
 
 use std::time::Instant;
 
