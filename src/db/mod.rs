@@ -106,9 +106,13 @@ impl Database {
 /// Set on every connection right after it is made. Not as startup `options`: PgBouncer
 /// refuses those ("unsupported startup parameter: options").
 ///
-/// Plan every statement with its actual parameters: a generic plan cannot see how small
-/// a batch array is and scans whole (ever-growing) tables instead.
-pub const SESSION_SETUP: &str = "SET plan_cache_mode = force_custom_plan";
+/// - Plan every statement with its actual parameters: a generic plan cannot see how
+///   small a batch array is and scans whole (ever-growing) tables instead.
+/// - End a transaction left idle for 30 s: opsloop's transactions are short, so one
+///   that idles is one whose client is gone (its connection dropped by the network)
+///   and would otherwise hold its row locks until the server notices, if ever.
+pub const SESSION_SETUP: &str = "SELECT set_config('plan_cache_mode', 'force_custom_plan', false),
+        set_config('idle_in_transaction_session_timeout', '30s', false)";
 
 /// Only startup parameters a pooler accepts. PgBouncer refuses the ones it does not
 /// track ("unsupported startup parameter"), such as sqlx's default `extra_float_digits`,

@@ -2,6 +2,8 @@
 //! scratch database it creates and drops, one JSON line per case. Benchmarks measure;
 //! no test asserts a time.
 
+mod soak;
+
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -15,6 +17,8 @@ use crate::engine::heartbeat;
 use crate::engine::proposals::{self, NewProposal, Source};
 use crate::engine::worker::Worker;
 use crate::store::policy::{self as policy_store, PolicyCache};
+
+pub use soak::soak;
 
 /// A scratch database on the same server, dropped at the end.
 struct Scratch {

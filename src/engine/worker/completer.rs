@@ -50,15 +50,27 @@ pub(super) async fn complete(
 async fn store(pool: &PgPool, batch: &[(Lease, Ending)], pause_after_failures: u32) {
     let mut delay = Duration::from_millis(100);
     for _ in 0..20 {
+        // On a connection of its own, bounded: one that does not answer is given up and
+        // closed (not handed back to the pool, whose check would wait on it forever),
+        // and the batch stored on another within its leases (an answer lost after the
+        // commit is refused harmlessly; a transaction left open ends server-side).
         let attempt = async {
-            let mut tx = pool.begin().await?;
-            let stored = progress::finish_batch(&mut tx, batch, pause_after_failures).await?;
-            tx.commit().await?;
-            Ok::<Vec<bool>, OpsError>(stored)
+            let mut conn = pool.acquire().await?;
+            let stored = tokio::time::timeout(STALLED, async {
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                let stored = progress::finish_batch(&mut tx, batch, pause_after_failures).await?;
+                tx.commit().await?;
+                Ok::<Vec<bool>, OpsError>(stored)
+            })
+            .await;
+            stored.unwrap_or_else(|_| {
+                drop(conn.detach());
+                Err(OpsError::Other(anyhow::anyhow!(
+                    "no answer within {STALLED:?}"
+                )))
+            })
         };
-        // Bounded, so a dead connection is given up and the batch stored on another
-        // within its leases (an answer lost after the commit is refused harmlessly).
-        match bounded(attempt).await {
+        match attempt.await {
             Ok(stored) => {
                 for ((lease, _), ok) in batch.iter().zip(stored) {
                     if !ok {

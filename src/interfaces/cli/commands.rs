@@ -257,6 +257,7 @@ async fn bench(db: &Database, command: BenchCommand) -> OpsResult<i32> {
         } => bench::worker(db, steps, workers, steps_per_mission, history).await?,
         BenchCommand::Latency { samples } => bench::latency(db, samples).await?,
         BenchCommand::Tick { events, rules } => bench::tick(db, events, rules).await?,
+        BenchCommand::Soak { minutes } => bench::soak(db, minutes).await?,
     };
     println!("{figures}");
     Ok(0)

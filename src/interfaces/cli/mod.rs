@@ -175,6 +175,12 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 100)]
         rules: u32,
     },
+    /// A realistic mix for N minutes: RSS, connections, table sizes and latencies per
+    /// minute, first and last side by side.
+    Soak {
+        #[arg(long, default_value_t = 30)]
+        minutes: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
