@@ -24,6 +24,8 @@ fn config(cases: u32) -> ProptestConfig {
         cases,
         // Shrinking a failure is worth little time in CI; the failing input is printed.
         max_shrink_iters: 200,
+        // No regression files in the source tree: the corpus below keeps what matters.
+        failure_persistence: None,
         ..ProptestConfig::default()
     }
 }
@@ -432,7 +434,14 @@ fn check_answer(status: u16, json: &serde_json::Value) {
         matches!(status, 200 | 201 | 400 | 409 | 413 | 415 | 422),
         "HTTP {status}: {json}"
     );
-    if status >= 400 {
+    if status == 409 {
+        // A gate refused: the refused proposal's document, with its reason.
+        let reason = json["reason"].as_str().unwrap_or_default();
+        assert!(
+            json["status"] == "rejected" && !reason.trim().is_empty(),
+            "a gate refusal without its reason: {json}"
+        );
+    } else if status >= 400 {
         let error = json["error"].as_str().unwrap_or_default();
         assert!(
             !error.trim().is_empty(),
