@@ -4,13 +4,14 @@
 
 pub mod embedded;
 pub mod locks;
+pub mod pooler;
 pub mod singleton;
 
 use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::{ConnectOptions, Executor, PgPool};
 
 use crate::domain::config::{Settings, redact_url};
 use embedded::EmbeddedPostgres;
@@ -66,6 +67,7 @@ impl Database {
         match &settings.database_url {
             Some(url) => {
                 let pool = connect(url, max_connections).await?;
+                pooler::refuse_transaction_pooling(&pool.connect_options()).await?;
                 Ok(Database {
                     pool,
                     url: url.clone(),
@@ -103,14 +105,29 @@ impl Database {
     }
 }
 
+/// Set on every connection right after it is made. Not as startup `options`: PgBouncer
+/// refuses those ("unsupported startup parameter: options").
+///
+/// - Plan every statement with its actual parameters: a generic plan cannot see how
+///   small a batch array is and scans whole (ever-growing) tables instead.
+/// - End a transaction left idle for 30 s: opsloop's transactions are short, so one
+///   that idles is one whose client is gone (its connection dropped by the network)
+///   and would otherwise hold its row locks until the server notices, if ever.
+pub const SESSION_SETUP: &str = "SELECT set_config('plan_cache_mode', 'force_custom_plan', false),
+        set_config('idle_in_transaction_session_timeout', '30s', false)";
+
+/// Only startup parameters a pooler accepts. PgBouncer refuses the ones it does not
+/// track ("unsupported startup parameter"), such as sqlx's default `extra_float_digits`,
+/// which since PostgreSQL 12 changes nothing (any value above 0 prints floats exactly).
+pub fn pooler_safe(options: PgConnectOptions) -> PgConnectOptions {
+    options.extra_float_digits(None)
+}
+
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = url
         .parse()
         .with_context(|| format!("DATABASE_URL {} is not a PostgreSQL URL", redact_url(url)))?;
-    // Plan every statement with its actual parameters: a generic plan cannot see how
-    // small a batch array is and scans whole (ever-growing) tables instead.
-    let options = options
-        .options([("plan_cache_mode", "force_custom_plan")])
+    let options = pooler_safe(options)
         .application_name("opsloop")
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
@@ -118,6 +135,10 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
         .max_connections(max_connections)
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(10))
+        // The simple protocol: no prepared statement is left behind for this.
+        .after_connect(|conn, _| {
+            Box::pin(async move { conn.execute(SESSION_SETUP).await.map(drop) })
+        })
         .connect_with(options)
         .await
         .with_context(|| format!("cannot connect to PostgreSQL at {}", redact_url(url)))

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
@@ -84,16 +84,19 @@ impl Singleton {
     async fn connect_and_lock(&self) -> anyhow::Result<Option<Held>> {
         let options = (*self.pool.connect_options())
             .clone()
-            .application_name(&format!("opsloop {}", self.name))
-            // Let the server notice a vanished holder in about half a minute (TCP only).
-            .options([
-                ("tcp_keepalives_idle", "10"),
-                ("tcp_keepalives_interval", "5"),
-                ("tcp_keepalives_count", "3"),
-            ]);
+            .application_name(&format!("opsloop {}", self.name));
         let mut conn = PgConnection::connect_with(&options)
             .await
             .with_context(|| format!("connecting for the {} lock", self.name))?;
+        // Let the server notice a vanished holder in about half a minute (TCP only). Set
+        // after connecting, in the simple protocol: PgBouncer refuses startup `options`.
+        conn.execute(
+            "SELECT set_config('tcp_keepalives_idle', '10', false),
+                    set_config('tcp_keepalives_interval', '5', false),
+                    set_config('tcp_keepalives_count', '3', false)",
+        )
+        .await
+        .with_context(|| format!("setting up the {} lock's connection", self.name))?;
         let asked = Instant::now();
         let got: bool = match self.key {
             LockKey::One(k) => {

@@ -3,7 +3,8 @@
 //! their timeout settled → reminders due → missions finalized → one `ops_action_runs` row. One tick at a time across all hosts: a
 //! session advisory lock taken for the tick on a connection of its own
 //! (`db::singleton`), released when the tick ends or the holder dies. The tick checks
-//! it still holds the lock before each phase, and stops at the first phase it does not.
+//! it still holds the lock before each phase, and stops at the first phase it does not;
+//! a tick whose lock is lost mid-phase (its check failed) is cut off there.
 
 use std::time::Instant;
 
@@ -46,6 +47,10 @@ pub struct TickSummary {
     pub duration_ms: u64,
 }
 
+/// A tick's phases work in bounded batches and take seconds at most; one still running
+/// after this long waits on a connection that stopped answering, and is cut off.
+const TICK_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Run one tick if no other process is ticking.
 pub async fn tick(pool: &PgPool, policy: &Policy) -> OpsResult<TickSummary> {
     let started = Instant::now();
@@ -66,7 +71,18 @@ async fn tick_locked(pool: &PgPool, policy: &Policy) -> OpsResult<TickSummary> {
     else {
         return Ok(TickSummary::default());
     };
-    let outcome = phases(pool, policy, &held).await;
+    // A phase whose connection stopped answering ends with the lock (its check fails
+    // within a lease), not never: the next tick starts over on fresh connections.
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout(TICK_LIMIT, phases(pool, policy, &held)) => {
+            outcome.unwrap_or_else(|_| Err(OpsError::Other(anyhow::anyhow!(
+                "the tick took longer than {TICK_LIMIT:?} (a connection that stopped answering?); stopped"
+            ))))
+        }
+        _ = held.lost() => Err(OpsError::Other(anyhow::anyhow!(
+            "lost the heartbeat lock mid-phase; the tick stopped"
+        ))),
+    };
     held.release().await;
     outcome
 }

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
-use crate::db::{Database, MIGRATOR};
+use crate::db::{Database, MIGRATOR, pooler};
 use crate::domain::config::{Settings, redact_url};
 use crate::domain::policy;
 use crate::store::policy as policy_store;
@@ -47,13 +47,27 @@ impl Report {
 }
 
 /// Run every check; the exit code is 0 when none failed (warnings allowed), else 1.
-pub async fn doctor(settings: &Settings, policy_file: Option<PathBuf>) -> i32 {
+pub async fn doctor(
+    settings: &Settings,
+    policy_file: Option<PathBuf>,
+    max_transaction_age: Duration,
+) -> i32 {
     let mut report = Report::default();
-    let db = check_database(&mut report, settings).await;
+    let mut db = check_database(&mut report, settings).await;
+    let mut no_db = "no database to look at";
+    if let Some(d) = &db
+        && settings.database_url.is_some()
+        && !check_pooler(&mut report, &d.pool).await
+    {
+        if let Some(d) = db.take() {
+            d.close().await;
+        }
+        no_db = "the connections do not keep their session (see pooler)";
+    }
     let migrated = match &db {
         Some(db) => check_migrations(&mut report, &db.pool).await,
         None => {
-            report.skip("migrations", "no database to look at");
+            report.skip("migrations", no_db);
             false
         }
     };
@@ -79,7 +93,24 @@ pub async fn doctor(settings: &Settings, policy_file: Option<PathBuf>) -> i32 {
     }
     match &db {
         Some(db) => check_clock(&mut report, &db.pool).await,
-        None => report.skip("clock", "no database to compare with"),
+        None => report.skip("clock", no_db),
+    }
+    match &db {
+        Some(db) => {
+            check_old_transactions(&mut report, &db.pool, max_transaction_age).await;
+            if migrated {
+                check_bloat(&mut report, &db.pool).await;
+            } else {
+                report.skip(
+                    "bloat",
+                    "the queue tables are not as this binary knows them",
+                );
+            }
+        }
+        None => {
+            report.skip("transactions", no_db);
+            report.skip("bloat", no_db);
+        }
     }
     check_http_addr(&mut report, settings.http_addr).await;
     if let Some(db) = db {
@@ -117,7 +148,7 @@ async fn check_database(report: &mut Report, settings: &Settings) -> Option<Data
                     return None;
                 }
             };
-            let options = options.application_name("opsloop doctor");
+            let options = crate::db::pooler_safe(options).application_name("opsloop doctor");
             // One plain connection first: a pool would hide the cause behind a timeout.
             let result = match tokio::time::timeout(DB_TIMEOUT, options.connect()).await {
                 Ok(r) => r.map_err(|e| {
@@ -177,6 +208,38 @@ async fn check_database(report: &mut Report, settings: &Settings) -> Option<Data
                 None
             }
         },
+    }
+}
+
+/// A pooler in transaction mode between opsloop and PostgreSQL (opsloop refuses to
+/// start behind one). True when connections keep their session.
+async fn check_pooler(report: &mut Report, pool: &PgPool) -> bool {
+    const CHECK: &str = "pooler";
+    match pooler::probe(&pool.connect_options()).await {
+        Ok(pooler::Sessions::Kept) => {
+            report.ok(
+                CHECK,
+                "each connection keeps its server session (PostgreSQL, or a pooler in session mode)",
+            );
+            true
+        }
+        Ok(pooler::Sessions::Shared) => {
+            report.fail(
+                CHECK,
+                "DATABASE_URL leads to a connection pooler in transaction (or statement) pooling mode: \
+                 advisory locks, LISTEN and prepared statements do not stay on one session, so opsloop refuses to start",
+                "set pool_mode = session for opsloop's database in PgBouncer, or point DATABASE_URL at PostgreSQL itself",
+            );
+            false
+        }
+        Err(e) => {
+            report.fail(
+                CHECK,
+                format!("cannot tell how connections reach PostgreSQL: {e:#}"),
+                "check DATABASE_URL and the pooler's logs",
+            );
+            false
+        }
     }
 }
 
@@ -477,6 +540,99 @@ async fn check_clock(report: &mut Report, pool: &PgPool) {
             CHECK,
             format!("agrees with the database's within {millis} ms"),
         );
+    }
+}
+
+/// Transactions open for long in this database (a `pg_dump`, a forgotten `BEGIN` in
+/// psql) keep every row version since they started: vacuum cannot clean the queue
+/// tables behind them. (Since PostgreSQL 14 other databases' transactions do not.)
+async fn check_old_transactions(report: &mut Report, pool: &PgPool, max_age: Duration) {
+    const CHECK: &str = "transactions";
+    let oldest: Result<Vec<(i32, String, f64, String)>, _> = sqlx::query_as(
+        "SELECT pid, coalesce(nullif(application_name, ''), usename::text, '?'),
+                extract(epoch FROM clock_timestamp() - xact_start)::float8, state
+         FROM pg_stat_activity
+         WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid()
+           AND datname = current_database()
+           AND clock_timestamp() - xact_start > $1
+         ORDER BY xact_start LIMIT 3",
+    )
+    .bind(crate::db::interval(max_age))
+    .fetch_all(pool)
+    .await;
+    let limit = humantime::format_duration(max_age);
+    match oldest {
+        Err(e) => report.warn(
+            CHECK,
+            format!("cannot read pg_stat_activity: {e}"),
+            "grant pg_read_all_stats to opsloop's database user to see other sessions",
+        ),
+        Ok(rows) if rows.is_empty() => {
+            report.ok(CHECK, format!("none open longer than {limit}"));
+        }
+        Ok(rows) => {
+            let shown: Vec<String> = rows
+                .iter()
+                .map(|(pid, app, secs, state)| format!("pid {pid} ({app}, {state}) for {secs:.0}s"))
+                .collect();
+            report.warn(
+                CHECK,
+                format!(
+                    "{} open longer than {limit}: {}; they keep vacuum from cleaning the queue tables",
+                    if rows.len() == 1 { "a transaction is" } else { "transactions are" },
+                    shown.join(", ")
+                ),
+                "end them (COMMIT, or SELECT pg_terminate_backend(PID)); run pg_dump from a replica or with --snapshot",
+            );
+        }
+    }
+}
+
+/// The tables every step, event and message updates: dead row versions piling up there
+/// slow the claims down (a long transaction, or autovacuum switched off or behind).
+const QUEUE_TABLES: &[&str] = &[
+    "ops_mission_steps",
+    "ops_missions",
+    "ops_agent_events",
+    "ops_notifications",
+    "ops_mission_proposals",
+];
+/// Fewer dead rows than this are autovacuum's ordinary backlog.
+const DEAD_ROWS_WARN: i64 = 10_000;
+
+async fn check_bloat(report: &mut Report, pool: &PgPool) {
+    const CHECK: &str = "bloat";
+    let rows: Result<Vec<(String, i64, i64)>, _> = sqlx::query_as(
+        "SELECT relname::text, n_live_tup, n_dead_tup FROM pg_stat_user_tables
+         WHERE relname = ANY($1) AND schemaname = current_schema()
+           AND n_dead_tup >= $2 AND n_dead_tup > n_live_tup
+         ORDER BY n_dead_tup DESC",
+    )
+    .bind(QUEUE_TABLES)
+    .bind(DEAD_ROWS_WARN)
+    .fetch_all(pool)
+    .await;
+    match rows {
+        Err(e) => report.warn(
+            CHECK,
+            format!("cannot read pg_stat_user_tables: {e}"),
+            "check the database user's privileges",
+        ),
+        Ok(rows) if rows.is_empty() => report.ok(
+            CHECK,
+            "the queue tables have more live rows than dead ones (or few dead)",
+        ),
+        Ok(rows) => {
+            let shown: Vec<String> = rows
+                .iter()
+                .map(|(table, live, dead)| format!("{table} {dead} dead / {live} live"))
+                .collect();
+            report.warn(
+                CHECK,
+                format!("dead row versions pile up: {}", shown.join(", ")),
+                "end long transactions (see transactions), keep autovacuum on; VACUUM the table once they are gone",
+            );
+        }
     }
 }
 

@@ -142,6 +142,8 @@ struct St {
     answers: Vec<(String, Option<String>)>,
     once: Vec<(String, usize, Fault)>,
     persistent: HashMap<String, Fault>,
+    /// Chats whose requests are answered with half a body, then nothing.
+    stalled_chats: std::collections::HashSet<i64>,
     poll_gen: u64,
     commands: Value,
 }
@@ -335,6 +337,12 @@ impl FakeTelegram {
     pub fn fail_next(&self, method: &str, n: usize, fault: Fault) {
         let method = method.to_ascii_lowercase();
         self.shared.lock().once.push((method, n, fault));
+    }
+
+    /// Every request about `chat_id` gets its status line, headers and half a body, then
+    /// nothing more: a connection that stalls mid-answer (until the client gives up).
+    pub fn stall_chat(&self, chat_id: i64) {
+        self.shared.lock().stalled_chats.insert(chat_id);
     }
 
     /// Applies `fault` to every request of `method` ("*" = any) until cleared with `None`.
@@ -744,6 +752,22 @@ async fn handle(
         });
         (st.requests.len() - 1, fault)
     };
+    let stalled = token_ok
+        && int(&body, "chat_id").is_some_and(|chat| sh.lock().stalled_chats.contains(&chat));
+    if stalled {
+        let half = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(
+            b"{\"ok\":true,\"result\":{\"message_id\":",
+        ))]);
+        let body = axum::body::Body::from_stream(futures::StreamExt::chain(
+            half,
+            futures::stream::pending(),
+        ));
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .body(body)
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
     if fault == Some(Fault::Drop) {
         drop_connection(conn);
         return StatusCode::OK.into_response();

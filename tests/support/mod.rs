@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod fake_telegram;
+pub mod pgbouncer;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -5,7 +5,8 @@
 //! chats whose own limit allows a message now, then takes a global slot for each, so a
 //! chat with a long queue gets its per-chat share and never holds the others back.
 //! Approval prompts go first (someone is waiting to decide), then the chat served least
-//! lately.
+//! lately. Each chat's delivery runs on its own (at most one per chat at a time), so a
+//! call that stalls (an answer hanging mid-body until the HTTP timeout) delays only its chat.
 //!
 //! Delivery is at least once. Telegram's `sendMessage` has no idempotency key, so when
 //! the sender stops between Telegram's accepting a message and the row's being marked
@@ -15,9 +16,9 @@
 //! are idempotent; a prompt that ended up in a chat twice is edited wherever we know it
 //! (the copy whose answer was lost becomes known when someone taps it).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -25,6 +26,7 @@ use sqlx::{PgPool, postgres::PgListener};
 use teloxide::prelude::*;
 use teloxide::types::{ForceReply, MessageId, ParseMode};
 use teloxide::{ApiError, RequestError};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -117,6 +119,8 @@ pub struct Sender {
     pool: PgPool,
     bot: Bot,
     limits: Mutex<Limits>,
+    /// Chats with a delivery under way: their next row waits for it, other chats don't.
+    busy: Mutex<HashSet<i64>>,
 }
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -133,6 +137,7 @@ impl Sender {
                 chats: Spacing::new(SECOND, limits.chat_messages_per_second),
                 groups: Spacing::new(MINUTE, limits.group_messages_per_minute),
             }),
+            busy: Mutex::new(HashSet::new()),
         }
     }
 
@@ -149,11 +154,15 @@ impl Sender {
     }
 
     /// Send until `stop` (shutdown, or this process lost the outbox lock).
-    async fn serve(&self, stop: &CancellationToken) -> OpsResult<()> {
+    async fn serve(self: &Arc<Self>, stop: &CancellationToken) -> OpsResult<()> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(channels::OUTBOX).await?;
+        // Deliveries under way, at most one per chat. They end with this function (and
+        // so with the lock): a cut-off sender leaves none running.
+        let mut deliveries: JoinSet<OpsResult<()>> = JoinSet::new();
+        self.busy().clear();
         loop {
-            let wait = match self.round().await {
+            let wait = match self.round(&mut deliveries).await {
                 Ok(wait) => wait,
                 Err(e) => {
                     warn!(error = %e, "outbox round failed");
@@ -161,25 +170,44 @@ impl Sender {
                 }
             };
             tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => {
+                    // Let calls under way answer, briefly; a stalled one is cut off.
+                    let finish = async { while deliveries.join_next().await.is_some() {} };
+                    let _ = tokio::time::timeout(Duration::from_secs(3), finish).await;
+                    return Ok(());
+                }
                 _ = listener.try_recv() => {}
+                Some(done) = deliveries.join_next() => {
+                    if let Ok(Err(e)) = done {
+                        warn!(error = %e, "recording a notification's delivery failed");
+                    }
+                }
                 _ = tokio::time::sleep(wait) => {}
             }
         }
     }
 
-    /// Send what the limits allow now; return how long to wait before the next round.
-    pub async fn round(&self) -> OpsResult<Duration> {
-        // Only each chat's oldest pending row is eligible: order per chat holds.
+    /// Start what the limits allow now, each chat's delivery on its own, so a call that
+    /// stalls holds back no other chat; return how long to wait before the next round.
+    async fn round(
+        self: &Arc<Self>,
+        deliveries: &mut JoinSet<OpsResult<()>>,
+    ) -> OpsResult<Duration> {
+        // Only each chat's oldest pending row is eligible, and only while no delivery to
+        // the chat is under way: order per chat holds.
         let heads = outbox::heads(&self.pool, 1000).await?;
         let mut wait = Duration::from_secs(1);
-        let mut ready: Vec<&Row> = Vec::new();
+        let mut ready: Vec<Row> = Vec::new();
         {
+            let busy = self.busy().clone();
             let mut limits = self.limits();
             let now = Instant::now();
             limits.chats.forget_idle(now);
             limits.groups.forget_idle(now);
-            for row in heads.iter().filter(|r| r.due) {
+            for row in heads
+                .into_iter()
+                .filter(|r| r.due && !busy.contains(&r.chat_id))
+            {
                 match limits.chat_wait(row.chat_id, now) {
                     Duration::ZERO => ready.push(row),
                     not_yet => wait = wait.min(not_yet),
@@ -199,7 +227,13 @@ impl Sender {
                 break;
             }
             self.limits().take(row.chat_id, Instant::now());
-            self.deliver_and_record(row).await?;
+            self.busy().insert(row.chat_id);
+            let sender = self.clone();
+            deliveries.spawn(async move {
+                let delivered = sender.deliver_and_record(&row).await;
+                sender.busy().remove(&row.chat_id);
+                delivered
+            });
         }
         if sent_all {
             wait = Duration::ZERO;
@@ -209,6 +243,10 @@ impl Sender {
 
     fn limits(&self) -> MutexGuard<'_, Limits> {
         self.limits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn busy(&self) -> MutexGuard<'_, HashSet<i64>> {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn deliver_and_record(&self, row: &Row) -> OpsResult<()> {

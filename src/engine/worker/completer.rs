@@ -7,11 +7,29 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::domain::error::{OpsError, OpsResult};
 use crate::engine::missions::progress::{self, Ending, Lease};
 use crate::store::policy::PolicyCache;
 
 /// Endings stored in one transaction at most.
 const COMPLETION_BATCH: usize = 512;
+
+/// A claim or a batch of results that has not been answered in this long is given up
+/// and tried again on another connection: its connection is presumed dead (a network
+/// that drops packets, a firewall that forgot the connection). Steps that a lost
+/// answer claimed come back after their lease.
+pub(super) const STALLED: Duration = Duration::from_secs(20);
+
+/// `call`, or an error once it has gone [`STALLED`] without an answer.
+pub(super) async fn bounded<T>(call: impl Future<Output = OpsResult<T>>) -> OpsResult<T> {
+    tokio::time::timeout(STALLED, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(OpsError::Other(anyhow::anyhow!(
+                "no answer within {STALLED:?}"
+            )))
+        })
+}
 
 /// Store endings in batches of whatever has arrived, until the sender is dropped.
 pub(super) async fn complete(
@@ -32,11 +50,25 @@ pub(super) async fn complete(
 async fn store(pool: &PgPool, batch: &[(Lease, Ending)], pause_after_failures: u32) {
     let mut delay = Duration::from_millis(100);
     for _ in 0..20 {
+        // On a connection of its own, bounded: one that does not answer is given up and
+        // closed (not handed back to the pool, whose check would wait on it forever),
+        // and the batch stored on another within its leases (an answer lost after the
+        // commit is refused harmlessly; a transaction left open ends server-side).
         let attempt = async {
-            let mut tx = pool.begin().await?;
-            let stored = progress::finish_batch(&mut tx, batch, pause_after_failures).await?;
-            tx.commit().await?;
-            Ok::<Vec<bool>, crate::domain::error::OpsError>(stored)
+            let mut conn = pool.acquire().await?;
+            let stored = tokio::time::timeout(STALLED, async {
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                let stored = progress::finish_batch(&mut tx, batch, pause_after_failures).await?;
+                tx.commit().await?;
+                Ok::<Vec<bool>, OpsError>(stored)
+            })
+            .await;
+            stored.unwrap_or_else(|_| {
+                drop(conn.detach());
+                Err(OpsError::Other(anyhow::anyhow!(
+                    "no answer within {STALLED:?}"
+                )))
+            })
         };
         match attempt.await {
             Ok(stored) => {

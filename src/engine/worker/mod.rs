@@ -173,7 +173,9 @@ impl Worker {
                 last_claim = Instant::now();
                 next_poll = last_claim + POLL;
                 let idle = running.is_empty();
-                match steps::claim_ready(&self.pool, &self.id, free as i64, lease).await {
+                // Bounded: a dead connection must not stop this loop (it renews leases).
+                let claim = steps::claim_ready(&self.pool, &self.id, free as i64, lease);
+                match completer::bounded(claim).await {
                     Ok(claimed) => {
                         telemetry::steps_claimed(claimed.len());
                         if idle {

@@ -2,6 +2,8 @@
 //! scratch database it creates and drops, one JSON line per case. Benchmarks measure;
 //! no test asserts a time.
 
+mod soak;
+
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -18,6 +20,7 @@ use crate::store::policy::{self as policy_store, PolicyCache};
 
 mod chat;
 pub use chat::chat;
+pub use soak::soak;
 
 /// A scratch database on the same server, dropped at the end.
 struct Scratch {

@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use commands::Command;
+// For the parsers' property tests (tests/fuzz.rs).
+pub use taps::parse_data as parse_callback_data;
 
 /// Slow-down answers are sent once until the user is within limits again.
 pub const SLOW_DOWN: &str =

@@ -51,7 +51,10 @@ pub async fn run(command: Command) -> OpsResult<i32> {
     }
     match command {
         // Doctor reports an unreachable database instead of failing on it.
-        Command::Doctor { policy } => Ok(daemon::doctor(&settings, policy).await),
+        Command::Doctor {
+            policy,
+            max_transaction_age,
+        } => Ok(daemon::doctor(&settings, policy, max_transaction_age).await),
         Command::Run { policy } => {
             daemon::run(settings, policy).await?;
             Ok(0)
@@ -392,6 +395,7 @@ async fn bench(db: &Database, command: BenchCommand) -> OpsResult<i32> {
         BenchCommand::Latency { samples } => bench::latency(db, samples).await?,
         BenchCommand::Chat { samples } => bench::chat(db, samples).await?,
         BenchCommand::Tick { events, rules } => bench::tick(db, events, rules).await?,
+        BenchCommand::Soak { minutes } => bench::soak(db, minutes).await?,
     };
     println!("{figures}");
     Ok(0)

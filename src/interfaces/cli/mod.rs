@@ -187,6 +187,9 @@ pub enum Command {
         /// Also check this policy file (default OPSLOOP_POLICY).
         #[arg(long)]
         policy: Option<PathBuf>,
+        /// Warn about transactions open longer than this (they hold back vacuum).
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+        max_transaction_age: std::time::Duration,
     },
     /// Write a commented .env and a starter policy.toml here (never overwrites).
     Init,
@@ -240,6 +243,12 @@ pub enum BenchCommand {
         events: u32,
         #[arg(long, default_value_t = 100)]
         rules: u32,
+    },
+    /// A realistic mix for N minutes: RSS, connections, table sizes and latencies per
+    /// minute, first and last side by side.
+    Soak {
+        #[arg(long, default_value_t = 30)]
+        minutes: u32,
     },
 }
 
