@@ -1,4 +1,5 @@
 //! Owner of `ops_mission_steps`: every statement that changes a step, one per transition.
+//! Long because a step has many transitions and the owner rule keeps them all here.
 //!
 //! ```text
 //! create ─▶ queued (the first step) / waiting (the rest)

@@ -107,7 +107,8 @@ async fn api(
     match method.to_ascii_lowercase().as_str() {
         "getme" => ok(
             json!({"id": 1, "is_bot": true, "first_name": "opsloop", "username": "opsloop_bench_bot",
-            "can_join_groups": true, "can_read_all_group_messages": false, "supports_inline_queries": false}),
+            "can_join_groups": true, "can_read_all_group_messages": false, "supports_inline_queries": false,
+            "can_connect_to_business": false, "has_main_web_app": false}),
         ),
         "getupdates" => {
             let offset = p["offset"].as_i64().unwrap_or(0);

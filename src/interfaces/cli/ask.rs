@@ -1,14 +1,22 @@
-//! `opsloop ask`, run by a shell step: it reaches the worker running that step through
+//! Questions from the command line: `questions`, `answer`, and `opsloop ask`.
+//!
+//! `opsloop ask`, run by a shell step, reaches the worker running that step through
 //! the socket and secret in its environment (`engine::worker`'s ask server), prints the
 //! answer and exits 0; on a timeout without default, a cancel, outside a step, or with
 //! credentials that are not the running attempt's, it exits 3 and creates nothing.
 
+use serde_json::{Value, json};
+use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
+use super::commands::whoami;
+use super::show;
 use crate::domain::error::{OpsError, OpsResult};
-use crate::domain::vocab::QuestionStatus;
+use crate::domain::input::parse_id;
+use crate::domain::vocab::{QuestionStatus, Source};
 use crate::engine::executors::{ENV_ASK_SOCKET, ENV_ASK_TOKEN};
+use crate::engine::questions;
 use crate::engine::worker::{AskReply, AskRequest};
 
 pub async fn ask(
@@ -90,4 +98,38 @@ pub async fn ask(
             }
         }
     }
+}
+
+pub(super) async fn questions_list(pool: &PgPool, json: bool) -> OpsResult<i32> {
+    let open = questions::open(pool).await?;
+    if json {
+        let list: Vec<Value> = open
+            .iter()
+            .map(|q| {
+                json!({
+                    "id": q.id, "question": q.question, "choices": q.choices,
+                    "pattern": q.pattern, "mission_id": q.mission_id, "step_id": q.step_id,
+                    "status": q.status, "to": q.audience, "expires_at": q.expires_at,
+                    "asked_by": q.asked_by,
+                })
+            })
+            .collect();
+        println!("{}", json!(list));
+    } else {
+        show::questions(&open);
+    }
+    Ok(0)
+}
+
+pub(super) async fn answer(
+    pool: &PgPool,
+    id: &str,
+    value: &str,
+    actor: Option<String>,
+) -> OpsResult<i32> {
+    let id = parse_id(id, "question")?;
+    let by = whoami(actor)?;
+    let answered = questions::answer(pool, id, value, &by, Source::Cli).await?;
+    println!("question #{} answered: {}", answered.id, answered.answer);
+    Ok(0)
 }

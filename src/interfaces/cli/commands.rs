@@ -17,9 +17,8 @@ use crate::domain::policy;
 use crate::domain::vocab::Source;
 use crate::engine::approvals::{self, Decision};
 use crate::engine::gates;
-use crate::engine::missions::{self, MissionStatus, controls};
+use crate::engine::missions::{self, MissionStatus};
 use crate::engine::proposals::{self, NewProposal, ProposalStatus};
-use crate::engine::questions;
 use crate::engine::status as summary;
 use crate::interfaces::{bench, daemon, logging};
 use crate::store::events;
@@ -107,22 +106,22 @@ async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsRes
             json,
         } => decide(pool, &id, actor, Decision::Reject, reason, json).await,
         Command::Cancel { mission_id, actor } => cancel(pool, &mission_id, actor).await,
-        Command::Questions { json } => questions_list(pool, json).await,
+        Command::Questions { json } => super::ask::questions_list(pool, json).await,
         Command::Answer {
             question_id,
             value,
             actor,
-        } => answer(pool, &question_id, &value, actor).await,
+        } => super::ask::answer(pool, &question_id, &value, actor).await,
         Command::Retry {
             mission_id,
             actor,
             json,
-        } => retry(pool, &mission_id, actor, json).await,
+        } => super::controls::retry(pool, &mission_id, actor, json).await,
         Command::Kill {
             reason,
             actor,
             json,
-        } => kill(pool, reason, actor, json).await,
+        } => super::controls::kill(pool, reason, actor, json).await,
         Command::Status { json } => status(pool, json).await,
         Command::Missions {
             status,
@@ -220,83 +219,6 @@ async fn cancel(pool: &PgPool, mission_id: &str, actor: Option<String>) -> OpsRe
     let id = parse_id(mission_id, "mission")?;
     missions::cancel(pool, id, &whoami(actor)?, Source::Cli.as_str()).await?;
     println!("mission #{id} cancelled");
-    Ok(0)
-}
-
-async fn questions_list(pool: &PgPool, json: bool) -> OpsResult<i32> {
-    let open = questions::open(pool).await?;
-    if json {
-        let list: Vec<Value> = open
-            .iter()
-            .map(|q| {
-                json!({
-                    "id": q.id, "question": q.question, "choices": q.choices,
-                    "pattern": q.pattern, "mission_id": q.mission_id, "step_id": q.step_id,
-                    "status": q.status, "to": q.audience, "expires_at": q.expires_at,
-                    "asked_by": q.asked_by,
-                })
-            })
-            .collect();
-        println!("{}", json!(list));
-    } else {
-        show::questions(&open);
-    }
-    Ok(0)
-}
-
-/// Exit 3 when the mission is in another state, or a gate refuses the retry.
-async fn retry(
-    pool: &PgPool,
-    mission_id: &str,
-    actor: Option<String>,
-    json: bool,
-) -> OpsResult<i32> {
-    let id = parse_id(mission_id, "mission")?;
-    // The template's pause and max_running are checked as for a new mission.
-    let policy = match store::load(pool).await? {
-        Some(applied) => applied.policy,
-        None => Default::default(),
-    };
-    let retried = controls::retry(pool, &policy, id, &whoami(actor)?, Source::Cli, None).await?;
-    if json {
-        println!("{}", json!(retried));
-    } else {
-        println!("{}", retried.describe());
-    }
-    Ok(0)
-}
-
-async fn answer(pool: &PgPool, id: &str, value: &str, actor: Option<String>) -> OpsResult<i32> {
-    let id = parse_id(id, "question")?;
-    let by = whoami(actor)?;
-    let answered = questions::answer(pool, id, value, &by, Source::Cli).await?;
-    println!("question #{} answered: {}", answered.id, answered.answer);
-    Ok(0)
-}
-
-async fn kill(
-    pool: &PgPool,
-    reason: Option<String>,
-    actor: Option<String>,
-    json: bool,
-) -> OpsResult<i32> {
-    let reason = reason.map(|r| r.trim().chars().take(1000).collect::<String>());
-    let killed = controls::kill(pool, &whoami(actor)?, Source::Cli, reason.as_deref()).await?;
-    if json {
-        println!("{}", json!(killed));
-    } else {
-        let ids: Vec<String> = killed.missions.iter().map(|m| format!("#{m}")).collect();
-        println!(
-            "killed: paused, {} running mission{} cancelled{}; `opsloop resume` lifts the pause",
-            ids.len(),
-            if ids.len() == 1 { "" } else { "s" },
-            if ids.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", ids.join(", "))
-            }
-        );
-    }
     Ok(0)
 }
 
@@ -535,7 +457,7 @@ async fn events_command(pool: &PgPool, follow: bool, json: bool, limit: i64) -> 
 
 /// `--as NAME`, or `cli:$USER`, normalized (`Alice` and ` alice` are one person).
 /// Self-asserted: the CLI is the operator's own machine, with the database's password.
-fn whoami(actor: Option<String>) -> OpsResult<String> {
+pub(super) fn whoami(actor: Option<String>) -> OpsResult<String> {
     match actor {
         Some(name) => input::identity(&name, "--as NAME"),
         None => input::identity(&format!("cli:{}", os_user()), "the user name ($USER)"),

@@ -3,6 +3,7 @@
 
 mod ask;
 mod commands;
+mod controls;
 mod setup;
 mod show;
 
