@@ -109,6 +109,21 @@ async fn sample(pool: &PgPool, since: DateTime<Utc>) -> anyhow::Result<Value> {
     .fetch_all(pool)
     .await?;
     latencies.sort_by(f64::total_cmp);
+    // The biggest tables, with their dead rows: where growth is, when there is some.
+    let biggest: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT relname::text, pg_total_relation_size(relid)::bigint, n_live_tup, n_dead_tup
+         FROM pg_stat_user_tables WHERE relname LIKE 'ops\\_%'
+         ORDER BY 2 DESC LIMIT 4",
+    )
+    .fetch_all(pool)
+    .await?;
+    let biggest: serde_json::Map<String, Value> = biggest
+        .into_iter()
+        .map(|(table, bytes, live, dead)| {
+            let mb = round2(bytes as f64 / 1024.0 / 1024.0);
+            (table, json!({ "mb": mb, "live": live, "dead": dead }))
+        })
+        .collect();
     let running: i64 =
         sqlx::query_scalar("SELECT count(*) FROM ops_missions WHERE status = 'running'")
             .fetch_one(pool)
@@ -118,6 +133,7 @@ async fn sample(pool: &PgPool, since: DateTime<Utc>) -> anyhow::Result<Value> {
         "connections": connections,
         "live_rows": rows,
         "table_mb": round2(bytes as f64 / 1024.0 / 1024.0),
+        "biggest_tables": biggest,
         "missions_running": running,
         "missions_started": latencies.len(),
         "start_p50_ms": round2(percentile(&latencies, 50.0)),
