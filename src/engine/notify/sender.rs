@@ -194,12 +194,14 @@ impl Sender {
         deliveries: &mut JoinSet<OpsResult<()>>,
     ) -> OpsResult<Duration> {
         // Only each chat's oldest pending row is eligible, and only while no delivery to
-        // the chat is under way: order per chat holds.
+        // the chat is under way: order per chat holds. The busy chats are read before the
+        // rows: a delivery that ends meanwhile has made its row stale in `heads`, and
+        // that row must not go out again.
+        let busy = self.busy().clone();
         let heads = outbox::heads(&self.pool, 1000).await?;
         let mut wait = Duration::from_secs(1);
         let mut ready: Vec<Row> = Vec::new();
         {
-            let busy = self.busy().clone();
             let mut limits = self.limits();
             let now = Instant::now();
             limits.chats.forget_idle(now);

@@ -169,12 +169,11 @@ impl AskServer {
     }
 }
 
-impl Drop for AskServer {
-    fn drop(&mut self) {
-        // The last clone (the worker's) removes the directory; the tickets hold clones.
-        if Arc::strong_count(&self.grants) == 1 {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+impl AskServer {
+    /// The worker stops: the socket and its directory go (a process killed outright
+    /// leaves them in the temp directory, as it does its steps' working directories).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

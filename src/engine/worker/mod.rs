@@ -291,6 +291,9 @@ impl Worker {
         drop(endings);
         let _ = completer.await;
         let _ = workers::stopped(&self.pool, &self.id).await;
+        if let Some(asks) = &self.asks {
+            asks.remove();
+        }
         info!(worker = %self.id, "worker stopped");
         Ok(())
     }
