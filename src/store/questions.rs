@@ -153,29 +153,24 @@ pub async fn answer(
 
 /// open → expired. False when it was no longer open.
 pub async fn expire(conn: &mut PgConnection, id: i64) -> OpsResult<bool> {
-    let done = sqlx::query(
-        "WITH x AS (
-            UPDATE ops_questions SET status = 'expired', answered_at = now()
-            WHERE id = $1 AND status = 'open' RETURNING id)
-         SELECT pg_notify($2, id::text) FROM x",
-    )
-    .bind(id)
-    .bind(channels::QUESTIONS)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(done > 0)
+    close(conn, id, QuestionStatus::Expired).await
 }
 
 /// open → cancelled, for one question. False when it was no longer open.
 pub async fn cancel(conn: &mut PgConnection, id: i64) -> OpsResult<bool> {
+    close(conn, id, QuestionStatus::Cancelled).await
+}
+
+/// open → `to` (expired, cancelled), waking the waiters.
+async fn close(conn: &mut PgConnection, id: i64, to: QuestionStatus) -> OpsResult<bool> {
     let done = sqlx::query(
         "WITH c AS (
-            UPDATE ops_questions SET status = 'cancelled', answered_at = now()
+            UPDATE ops_questions SET status = $2, answered_at = now()
             WHERE id = $1 AND status = 'open' RETURNING id)
-         SELECT pg_notify($2, id::text) FROM c",
+         SELECT pg_notify($3, id::text) FROM c",
     )
     .bind(id)
+    .bind(to)
     .bind(channels::QUESTIONS)
     .execute(conn)
     .await?

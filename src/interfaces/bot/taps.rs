@@ -15,7 +15,7 @@ use crate::engine::approvals::{self, Decision};
 use crate::engine::missions::controls;
 use crate::engine::notify::{self, cut};
 
-use crate::store::users::Role;
+use crate::store::users::{Role, User};
 
 /// `a:12` → (Approve, 12). Anything else is refused.
 pub fn parse_data(data: &str) -> Option<(Decision, i64)> {
@@ -68,14 +68,23 @@ async fn adopt(state: &BotState, q: &CallbackQuery) {
     }
 }
 
+/// Who tapped, if we know them; else what they are told (strangers learn their id).
+async fn tapper(state: &BotState, q: &CallbackQuery) -> Result<User, String> {
+    match access::seen(&state.pool, &q.from, false).await {
+        Ok(Some(user)) => Ok(user),
+        Ok(None) => Err(format!(
+            "Not authorized. Your Telegram id is {}.",
+            q.from.id.0
+        )),
+        Err(_) => Err("Something went wrong; try again.".into()),
+    }
+}
+
 /// A tap on a question's button: its choice is the answer.
 async fn answer_question(state: &BotState, q: &CallbackQuery, id: i64, choice: usize) -> String {
-    let user = match access::seen(&state.pool, &q.from, false).await {
+    let user = match tapper(state, q).await {
         Ok(user) => user,
-        Err(_) => return "Something went wrong; try again.".into(),
-    };
-    let Some(user) = user else {
-        return format!("Not authorized. Your Telegram id is {}.", q.from.id.0);
+        Err(refusal) => return refusal,
     };
     let answered = async {
         let text = answers::choice(state, id, choice).await?;
@@ -95,13 +104,9 @@ async fn answer_question(state: &BotState, q: &CallbackQuery, id: i64, choice: u
 /// A Retry tap: anyone who sees the failure message may tap; the role is checked here
 /// (an operator for low risk, an approver for high and red, in the retry itself).
 async fn retry(state: &BotState, q: &CallbackQuery, mission: i64) -> String {
-    let id = q.from.id.0 as i64;
-    let user = match access::seen(&state.pool, &q.from, false).await {
+    let user = match tapper(state, q).await {
         Ok(user) => user,
-        Err(_) => return "Something went wrong; try again.".into(),
-    };
-    let Some(user) = user else {
-        return format!("Not authorized. Your Telegram id is {id}.");
+        Err(refusal) => return refusal,
     };
     let Some(role) = user.role().filter(|r| *r >= Role::Operator) else {
         return format!(
@@ -131,13 +136,9 @@ async fn retry(state: &BotState, q: &CallbackQuery, mission: i64) -> String {
 }
 
 async fn decide(state: &BotState, q: &CallbackQuery) -> String {
-    let id = q.from.id.0 as i64;
-    let user = match access::seen(&state.pool, &q.from, false).await {
+    let user = match tapper(state, q).await {
         Ok(user) => user,
-        Err(_) => return "Something went wrong; try again.".into(),
-    };
-    let Some(user) = user else {
-        return format!("Not authorized. Your Telegram id is {id}.");
+        Err(refusal) => return refusal,
     };
     if user.role().is_none_or(|r| r < Role::Approver) {
         return format!(
