@@ -51,7 +51,8 @@ pub(super) fn prepare(step: &Claimed) -> Result<StepSpec, Ending> {
             return Err(Ending::Skipped);
         }
     }
-    let spec = if step.outputs.is_some() {
+    // Only a spec with references was kept escaped at creation (see `StepSpec::substitute`).
+    let spec = if step.outputs.is_some() && !spec.references().is_empty() {
         spec.resolve(&outputs)
             .map_err(|error| Ending::FailedForGood { error })?
     } else {
