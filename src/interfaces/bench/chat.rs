@@ -26,29 +26,29 @@ use crate::engine::worker::Worker;
 use crate::interfaces::bot;
 use crate::store::policy::{self as policy_store, PolicyCache};
 
-const TOKEN: &str = "123456:bench";
+pub(super) const TOKEN: &str = "123456:bench";
 const PERSON: i64 = 1001;
 
 /// What the fake Bot API saw, with when.
 #[derive(Default)]
-struct Seen {
+pub(super) struct Seen {
     updates: VecDeque<Value>,
     next_update: i64,
     next_message: i64,
     /// (when, chat, message id, text) of every sendMessage.
-    sent: Vec<(DateTime<Utc>, i64, i64, String)>,
+    pub(super) sent: Vec<(DateTime<Utc>, i64, i64, String)>,
     /// (when, callback query id) of every answerCallbackQuery.
     answered: Vec<(DateTime<Utc>, String)>,
 }
 
 #[derive(Clone, Default)]
-struct Fake {
+pub(super) struct Fake {
     seen: Arc<Mutex<Seen>>,
     arrived: Arc<Notify>,
 }
 
 impl Fake {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -97,7 +97,7 @@ impl Fake {
     }
 }
 
-async fn api(
+pub(super) async fn api(
     State(fake): State<Fake>,
     Path((_bot, method)): Path<(String, String)>,
     body: axum::body::Bytes,

@@ -2,7 +2,11 @@
 //! scratch database it creates and drops, one JSON line per case. Benchmarks measure;
 //! no test asserts a time.
 
+mod fanout;
+mod floor;
+mod preload;
 mod soak;
+mod spawn;
 
 use std::time::{Duration, Instant};
 
@@ -17,9 +21,12 @@ use crate::engine::heartbeat;
 use crate::engine::proposals::{self, NewProposal, Source};
 use crate::engine::worker::Worker;
 use crate::store::policy::{self as policy_store, PolicyCache};
+use preload::preload;
 
 mod chat;
 pub use chat::chat;
+pub use fanout::fanout;
+pub use floor::floor;
 pub use soak::soak;
 
 /// A scratch database on the same server, dropped at the end.
@@ -130,32 +137,34 @@ steps = [ {} ]
     policy
 }
 
-/// `bench worker`: N noop steps through the whole lifecycle with W concurrent slots.
-pub async fn worker(
-    db: &Database,
+/// What `bench worker` runs, and what else sits in the tables meanwhile.
+#[derive(Debug, Clone)]
+pub struct WorkerCase {
+    pub steps: u32,
+    pub workers: u32,
+    pub steps_per_mission: u32,
+    /// `noop`, or `shell` (each step runs `true`; the machine's spawn rate is measured
+    /// in the same run).
+    pub kind: String,
+    /// Finished steps (with their events) already in the tables.
+    pub history: u32,
+    /// Missions waiting on an open question.
+    pub open_questions: u32,
+    /// Steps waiting behind a step that runs elsewhere.
+    pub waiting: u32,
+}
+
+/// Set up in bulk (not timed): `missions` approved proposals, running missions, and
+/// their `per` steps of `kind` (the first queued, the rest waiting), then ANALYZE as
+/// the peer's bench does after enqueueing, so the planner sees the backlog.
+async fn seed_missions(
+    pool: &PgPool,
     steps: u32,
-    workers: u32,
-    steps_per_mission: u32,
-    history: u32,
-    open_questions: u32,
-) -> anyhow::Result<Value> {
-    if steps == 0 || workers == 0 || steps_per_mission == 0 {
-        return Err(OpsError::bad_input(
-            "--steps, --workers and --steps-per-mission must be at least 1",
-        )
-        .into());
-    }
-    let scratch = Scratch::create(db).await?;
-    let pool = scratch.pool.clone();
-    policy_store::apply(&pool, &bench_policy(workers, steps_per_mission, 0), "bench").await?;
-    if history > 0 {
-        preload_history(&pool, history).await?;
-    }
-    if open_questions > 0 {
-        preload_questions(&pool, open_questions).await?;
-    }
-    let missions = steps.div_ceil(steps_per_mission);
-    // Set up in bulk (not timed): approved proposals, running missions, their steps.
+    per: u32,
+    kind: &str,
+    spec: &str,
+) -> anyhow::Result<i64> {
+    let missions = steps.div_ceil(per);
     sqlx::query(
         "WITH p AS (
             INSERT INTO ops_mission_proposals (template, params, risk, proposed_by, source, status, decided_at)
@@ -165,18 +174,59 @@ pub async fn worker(
             INSERT INTO ops_missions (proposal_id, template, status, started_at)
             SELECT id, 'bench', 'running', now() FROM p RETURNING id)
          INSERT INTO ops_mission_steps (mission_id, seq, name, kind, spec, status)
-         SELECT m.id, s, 's' || s, 'noop', '{\"kind\":\"noop\"}', CASE WHEN s = 1 THEN 'queued' ELSE 'waiting' END
+         SELECT m.id, s, 's' || s, $3, $4::jsonb, CASE WHEN s = 1 THEN 'queued' ELSE 'waiting' END
          FROM m, generate_series(1, $2) s",
     )
     .bind(missions as i32)
-    .bind(steps_per_mission as i32)
-    .execute(&pool)
+    .bind(per as i32)
+    .bind(kind)
+    .bind(spec)
+    .execute(pool)
     .await?;
-    // As the peer's bench does after enqueueing: the planner sees the backlog.
     sqlx::query("ANALYZE ops_mission_proposals, ops_missions, ops_mission_steps")
-        .execute(&pool)
+        .execute(pool)
         .await?;
-    let total_steps = i64::from(missions) * i64::from(steps_per_mission);
+    Ok(i64::from(missions) * i64::from(per))
+}
+
+/// `bench worker`: N steps through the whole lifecycle with W concurrent slots.
+pub async fn worker(db: &Database, case: WorkerCase) -> anyhow::Result<Value> {
+    let WorkerCase {
+        steps,
+        workers,
+        steps_per_mission,
+        ref kind,
+        history,
+        open_questions,
+        waiting,
+    } = case;
+    if steps == 0 || workers == 0 || steps_per_mission == 0 {
+        return Err(OpsError::bad_input(
+            "--steps, --workers and --steps-per-mission must be at least 1",
+        )
+        .into());
+    }
+    let spec = match kind.as_str() {
+        "noop" => "{\"kind\":\"noop\"}",
+        "shell" => "{\"kind\":\"shell\",\"run\":[\"true\"]}",
+        other => {
+            return Err(OpsError::bad_input(format!(
+                "--kind must be noop or shell (got {other:?})"
+            ))
+            .into());
+        }
+    };
+    let scratch = Scratch::create(db).await?;
+    let pool = scratch.pool.clone();
+    policy_store::apply(&pool, &bench_policy(workers, steps_per_mission, 0), "bench").await?;
+    preload(&pool, history, open_questions, waiting).await?;
+    let total_steps = seed_missions(&pool, steps, steps_per_mission, kind, spec).await?;
+    // The machine's own limit, in the same run: the same spawns minus opsloop.
+    let spawn_limit = if kind == "shell" {
+        Some(spawn::limit(total_steps as u32, workers).await?)
+    } else {
+        None
+    };
     let cache = PolicyCache::default();
     cache.refresh(&pool).await?;
     let stop = CancellationToken::new();
@@ -189,8 +239,8 @@ pub async fn worker(
     // A cheap look (not a count) so the measurement costs the database little.
     loop {
         let busy: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM ops_missions m WHERE m.status = 'running'
-             AND NOT EXISTS (SELECT 1 FROM ops_mission_steps s WHERE s.mission_id = m.id AND s.status = 'asking'))",
+            // The preloads' missions are of template 'held': they never finish here.
+            "SELECT EXISTS (SELECT 1 FROM ops_missions m WHERE m.status = 'running' AND m.template = 'bench')",
         )
         .fetch_one(&pool)
         .await?;
@@ -215,93 +265,44 @@ pub async fn worker(
     .bind(bench_started)
     .fetch_one(&pool)
     .await?;
-    let out = line(
-        &pool,
-        json!({
-            "bench": "worker",
-            "steps": total_steps,
-            "steps_succeeded": done,
-            "workers": workers,
-            "steps_per_mission": steps_per_mission,
-            "history_steps": history,
-            "open_questions": open_questions,
-            "elapsed_ms": elapsed.as_millis() as u64,
-            "steps_per_s": round2(done as f64 / elapsed.as_secs_f64()),
-            "queue_wait_p50_ms": round2(percentile(&pickups, 50.0)),
-            "queue_wait_p99_ms": round2(percentile(&pickups, 99.0)),
-        }),
-    )
-    .await;
+    let steps_per_s = done as f64 / elapsed.as_secs_f64();
+    let mut figures = json!({
+        "bench": "worker",
+        "kind": kind,
+        "steps": total_steps,
+        "steps_succeeded": done,
+        "workers": workers,
+        "steps_per_mission": steps_per_mission,
+        "history_steps": history,
+        "open_questions": open_questions,
+        "waiting_steps": waiting,
+        "elapsed_ms": elapsed.as_millis() as u64,
+        "steps_per_s": round2(steps_per_s),
+        "queue_wait_p50_ms": round2(percentile(&pickups, 50.0)),
+        "queue_wait_p99_ms": round2(percentile(&pickups, 99.0)),
+    });
+    if let Some(limit) = spawn_limit {
+        figures["spawn_limit"] = limit.figures(steps_per_s);
+    }
+    let out = line(&pool, figures).await;
     scratch.drop().await;
     Ok(out)
 }
 
-/// Missions waiting on people: `n` missions whose one step is `asking`, each with its
-/// open question (they hold no lease and no slot; the bench shows what they cost).
-async fn preload_questions(pool: &PgPool, n: u32) -> anyhow::Result<()> {
-    sqlx::query(
-        "WITH p AS (
-            INSERT INTO ops_mission_proposals (template, params, risk, proposed_by, source, status, decided_at)
-            SELECT 'bench', jsonb_build_object('n', 'q' || g), 'low', 'bench', 'cli', 'approved', now()
-            FROM generate_series(1, $1) g RETURNING id),
-         m AS (
-            INSERT INTO ops_missions (proposal_id, template, status, started_at)
-            SELECT id, 'bench', 'running', now() FROM p RETURNING id),
-         s AS (
-            INSERT INTO ops_mission_steps (mission_id, seq, name, kind, spec, status, attempts)
-            SELECT m.id, 1, 'go', 'ask', '{\"kind\":\"ask\",\"question\":\"Go?\",\"choices\":[\"yes\",\"no\"]}', 'asking', 1
-            FROM m RETURNING id, mission_id)
-         INSERT INTO ops_questions (mission_id, step_id, asked_by, question, choices, audience)
-         SELECT mission_id, id, 'step:' || id, 'Go?', '[\"yes\", \"no\"]', 'approvers' FROM s",
-    )
-    .bind(n as i32)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// Finished work already in the tables (cost growth): `steps` succeeded steps, 100
-/// per mission, each with its `step.succeeded` event, then VACUUM ANALYZE as a
-/// long-running database would have had.
-async fn preload_history(pool: &PgPool, steps: u32) -> anyhow::Result<()> {
-    let missions = steps.div_ceil(100) as i32;
-    sqlx::query(
-        "WITH p AS (
-            INSERT INTO ops_mission_proposals (template, params, risk, proposed_by, source, status, decided_at)
-            SELECT 'bench', jsonb_build_object('n', 'old' || g), 'low', 'bench', 'cli', 'approved', now()
-            FROM generate_series(1, $1) g RETURNING id)
-         INSERT INTO ops_missions (proposal_id, template, status, started_at, finished_at)
-         SELECT id, 'bench', 'succeeded', now(), now() FROM p",
-    )
-    .bind(missions)
-    .execute(pool)
-    .await?;
-    sqlx::query(
-        "INSERT INTO ops_mission_steps (mission_id, seq, name, kind, spec, status, attempts, started_at, finished_at)
-         SELECT m.id, s, 's' || s, 'noop', '{\"kind\":\"noop\"}', 'succeeded', 1, now(), now()
-         FROM ops_missions m, generate_series(1, 100) s",
-    )
-    .execute(pool)
-    .await?;
-    sqlx::query(
-        "INSERT INTO ops_agent_events (kind, source, mission_id, step_id, payload, processed_at)
-         SELECT 'step.succeeded', 'worker', mission_id, id, jsonb_build_object('name', name), now()
-         FROM ops_mission_steps",
-    )
-    .execute(pool)
-    .await?;
-    sqlx::query("VACUUM ANALYZE").execute(pool).await?;
-    Ok(())
-}
-
 /// `bench latency`: on an idle daemon, propose (low risk) → first step started, and
 /// step ready (committed) → started.
-pub async fn latency(db: &Database, samples: u32) -> anyhow::Result<Value> {
+/// `preload` is (finished history, open questions, waiting steps) present meanwhile.
+pub async fn latency(
+    db: &Database,
+    samples: u32,
+    (history, open_questions, waiting): (u32, u32, u32),
+) -> anyhow::Result<Value> {
     let samples = samples.clamp(10, 100_000);
     let scratch = Scratch::create(db).await?;
     let pool = scratch.pool.clone();
     let source = bench_policy(4, 1, 0);
     policy_store::apply(&pool, &source, "bench").await?;
+    preload(&pool, history, open_questions, waiting).await?;
     let policy = crate::domain::policy::parse(&source)
         .map_err(|p| anyhow::anyhow!("bench policy: {p:?}"))?;
     let cache = PolicyCache::default();
@@ -362,6 +363,9 @@ pub async fn latency(db: &Database, samples: u32) -> anyhow::Result<Value> {
         json!({
             "bench": "latency",
             "samples": samples,
+            "history_steps": history,
+            "open_questions": open_questions,
+            "waiting_steps": waiting,
             "propose_to_start_p50_ms": round2(percentile(&propose_to_start, 50.0)),
             "propose_to_start_p99_ms": round2(percentile(&propose_to_start, 99.0)),
             "ready_to_start_p50_ms": round2(percentile(&ready_to_start, 50.0)),

@@ -301,20 +301,37 @@ async fn bench(db: &Database, command: BenchCommand) -> OpsResult<i32> {
             steps,
             workers,
             steps_per_mission,
-            history,
-            open_questions,
+            kind,
+            preload,
         } => {
             bench::worker(
                 db,
-                steps,
-                workers,
-                steps_per_mission,
-                history,
-                open_questions,
+                bench::WorkerCase {
+                    steps,
+                    workers,
+                    steps_per_mission,
+                    kind,
+                    history: preload.history,
+                    open_questions: preload.open_questions,
+                    waiting: preload.waiting,
+                },
             )
             .await?
         }
-        BenchCommand::Latency { samples } => bench::latency(db, samples).await?,
+        BenchCommand::Floor {
+            steps,
+            workers,
+            batch,
+        } => bench::floor(db, steps, workers, batch).await?,
+        BenchCommand::Latency { samples, preload } => {
+            bench::latency(
+                db,
+                samples,
+                (preload.history, preload.open_questions, preload.waiting),
+            )
+            .await?
+        }
+        BenchCommand::Fanout { chats, rate } => bench::fanout(db, chats, rate).await?,
         BenchCommand::Chat { samples } => bench::chat(db, samples).await?,
         BenchCommand::Tick { events, rules } => bench::tick(db, events, rules).await?,
         BenchCommand::Soak { minutes } => bench::soak(db, minutes).await?,

@@ -220,17 +220,40 @@ pub enum BenchCommand {
         workers: u32,
         #[arg(long, default_value_t = 1)]
         steps_per_mission: u32,
-        /// Finished steps (with their events) already in the tables, for cost growth.
-        #[arg(long, default_value_t = 0)]
-        history: u32,
-        /// Missions waiting on an open question (an `asking` step) meanwhile.
-        #[arg(long, default_value_t = 0)]
-        open_questions: u32,
+        /// What each step runs: noop, or shell (`true`; the machine's spawn rate is
+        /// measured in the same run).
+        #[arg(long, default_value = "noop")]
+        kind: String,
+        #[command(flatten)]
+        preload: BenchPreload,
+    },
+    /// The floor: the rows `bench worker` writes per step, by plain batched SQL with
+    /// none of opsloop's logic, at the same N and concurrency.
+    Floor {
+        #[arg(long, default_value_t = 20_000)]
+        steps: u32,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 16)]
+        workers: u32,
+        /// Steps claimed and ended per statement by each connection.
+        #[arg(long, default_value_t = 64)]
+        batch: u32,
     },
     /// On an idle daemon: propose → first step started, and step ready → started.
     Latency {
         #[arg(long, default_value_t = 300)]
         samples: u32,
+        #[command(flatten)]
+        preload: BenchPreload,
+    },
+    /// One mission notification to many subscribed chats through a fake Bot API: the
+    /// delivery rate against the configured global rate, and time to the last chat.
+    Fanout {
+        #[arg(long, default_value_t = 1000)]
+        chats: u32,
+        /// The global rate configured (`telegram.messages_per_second`).
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
     },
     /// Against a fake Bot API on loopback: tap → answered, tap → first step started,
     /// question asked → sent, tap → answer seen by the asking step.
@@ -251,6 +274,20 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 30)]
         minutes: u32,
     },
+}
+
+/// Work already in the tables while a bench runs (cost growth).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct BenchPreload {
+    /// Finished steps (with their events) already in the tables.
+    #[arg(long, alias = "finished", default_value_t = 0)]
+    pub history: u32,
+    /// Missions waiting on an open question (an `asking` step) meanwhile.
+    #[arg(long, default_value_t = 0)]
+    pub open_questions: u32,
+    /// Steps waiting behind a step that runs elsewhere (100 per mission).
+    #[arg(long, default_value_t = 0)]
+    pub waiting: u32,
 }
 
 #[derive(Debug, Subcommand)]
