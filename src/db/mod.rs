@@ -113,8 +113,12 @@ impl Database {
 /// - End a transaction left idle for 30 s: opsloop's transactions are short, so one
 ///   that idles is one whose client is gone (its connection dropped by the network)
 ///   and would otherwise hold its row locks until the server notices, if ever.
+/// - No JIT: every statement here is short, and the claim's correlated probe of its
+///   mission puts its estimated cost over `jit_above_cost`, so each claim compiled
+///   itself (35 to 200 ms, against 1 ms to run; `benches/results.md`, issue 16).
 pub const SESSION_SETUP: &str = "SELECT set_config('plan_cache_mode', 'force_custom_plan', false),
-        set_config('idle_in_transaction_session_timeout', '30s', false)";
+        set_config('idle_in_transaction_session_timeout', '30s', false),
+        set_config('jit', 'off', false)";
 
 /// Only startup parameters a pooler accepts. PgBouncer refuses the ones it does not
 /// track ("unsupported startup parameter"), such as sqlx's default `extra_float_digits`,

@@ -1,5 +1,9 @@
 //! The completer: endings arrive from the worker's steps and are stored in batches,
-//! each only while its lease holds (`missions::progress::finish_batch`).
+//! each only while its lease holds (`missions::progress::finish_batch`). A few batches
+//! are stored at once, each on its own connection: a batch's commit waits for its WAL
+//! flush, and meanwhile the next batch's statements run (the batches hold different
+//! steps; what they share, a mission or a template's failure count, is locked as it is
+//! between worker processes).
 
 use std::time::Duration;
 
@@ -13,6 +17,10 @@ use crate::store::policy::PolicyCache;
 
 /// Endings stored in one transaction at most.
 const COMPLETION_BATCH: usize = 512;
+/// Batches being stored at once.
+const IN_FLIGHT: usize = 2;
+/// The fewest endings a batch stored beside another holds (a smaller one waits).
+const SECOND_BATCH: usize = 64;
 
 /// A claim or a batch of results that has not been answered in this long is given up
 /// and tried again on another connection: its connection is presumed dead (a network
@@ -37,12 +45,30 @@ pub(super) async fn complete(
     policy: PolicyCache,
     mut received: mpsc::UnboundedReceiver<(Lease, Ending)>,
 ) {
-    let mut batch = Vec::with_capacity(COMPLETION_BATCH);
-    while received.recv_many(&mut batch, COMPLETION_BATCH).await > 0 {
+    let mut storing = tokio::task::JoinSet::new();
+    loop {
+        if storing.len() >= IN_FLIGHT {
+            let _ = storing.join_next().await;
+        }
+        let mut batch = Vec::with_capacity(COMPLETION_BATCH);
+        if received.recv_many(&mut batch, COMPLETION_BATCH).await == 0 {
+            break;
+        }
+        // With a batch being stored, a second starts once it is worth a transaction of
+        // its own; until then it gathers, and goes as soon as the first is done.
+        while !storing.is_empty() && batch.len() < SECOND_BATCH {
+            let room = COMPLETION_BATCH - batch.len();
+            tokio::select! {
+                n = received.recv_many(&mut batch, room) => if n == 0 { break },
+                _ = storing.join_next() => {}
+            }
+        }
         let pause_after_failures = policy.get().await.gates.pause_after_failures;
-        store(&pool, &batch, pause_after_failures).await;
-        batch.clear();
+        let pool = pool.clone();
+        storing.spawn(async move { store(&pool, &batch, pause_after_failures).await });
     }
+    // The worker has gone: what is being stored still lands.
+    while storing.join_next().await.is_some() {}
 }
 
 /// Store a batch, retrying on database trouble until it lands; refused endings (lost
