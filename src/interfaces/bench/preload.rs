@@ -4,7 +4,12 @@
 use sqlx::PgPool;
 
 /// The preloads of a case: finished history, open questions, waiting steps.
-pub(super) async fn preload(pool: &PgPool, history: u32, open_questions: u32, waiting: u32) -> anyhow::Result<()> {
+pub(super) async fn preload(
+    pool: &PgPool,
+    history: u32,
+    open_questions: u32,
+    waiting: u32,
+) -> anyhow::Result<()> {
     if waiting > 0 {
         preload_waiting(pool, waiting).await?;
     }
