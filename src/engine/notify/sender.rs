@@ -76,6 +76,15 @@ impl<K: Hash + Eq + Copy> Spacing<K> {
         self.next.insert(key, now + self.every);
     }
 
+    /// Take on schedule: a send that comes late (a round's read, a timer) does not push
+    /// the next one back, so the rate holds; at most one interval of lateness is made
+    /// up, so two sends are never closer than back to back once.
+    fn take_on_schedule(&mut self, key: K, now: Instant) {
+        let due = self.next.get(&key).copied().unwrap_or(now);
+        let from = due.max(now.checked_sub(self.every).unwrap_or(now));
+        self.next.insert(key, from + self.every);
+    }
+
     /// When `key` last sent, if lately (for round-robin: `None` sorts first).
     fn last(&self, key: K) -> Option<Instant> {
         self.next.get(&key).map(|next| *next - self.every)
@@ -107,7 +116,9 @@ impl Limits {
     }
 
     fn take(&mut self, chat: i64, now: Instant) {
-        self.global.take((), now);
+        // The global limit is a rate (Telegram counts per second); each chat's and
+        // group's is a spacing, kept strictly.
+        self.global.take_on_schedule((), now);
         self.chats.take(chat, now);
         if chat < 0 {
             self.groups.take(chat, now);
@@ -472,5 +483,32 @@ mod tests {
         assert!(chats.last(2) < chats.last(1));
         let groups: Spacing<i64> = Spacing::new(MINUTE, 20);
         assert_eq!(groups.every, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn the_global_rate_keeps_its_schedule_when_a_send_comes_late() {
+        let every = Duration::from_millis(10);
+        let mut global: Spacing<()> = Spacing::new(SECOND, 100);
+        let t0 = Instant::now();
+        global.take_on_schedule((), t0);
+        assert_eq!(global.wait((), t0), every);
+        // Taken 3 ms late: the next is due on the schedule, not 10 ms after the late one.
+        let late = t0 + every + Duration::from_millis(3);
+        global.take_on_schedule((), late);
+        assert_eq!(global.wait((), late), Duration::from_millis(7));
+        // After a long idle, at most one interval is made up: never a burst.
+        let idle = t0 + Duration::from_secs(60);
+        global.take_on_schedule((), idle);
+        assert_eq!(global.wait((), idle), Duration::ZERO);
+        global.take_on_schedule((), idle);
+        assert_eq!(global.wait((), idle), every);
+        // 1,000 sends as fast as allowed take at least 999 intervals less one made up.
+        let mut g: Spacing<()> = Spacing::new(SECOND, 100);
+        let mut now = t0;
+        for _ in 0..1000 {
+            now += g.wait((), now);
+            g.take_on_schedule((), now);
+        }
+        assert!(now - t0 >= every * 998);
     }
 }
