@@ -158,8 +158,8 @@ pub async fn fanout(db: &Database, chats: u32, rate: u32) -> anyhow::Result<Valu
     // The most messages any one-second window saw (the global limit, as Telegram counts).
     let mut busiest = 0usize;
     let mut start = 0usize;
-    for end in 0..times.len() {
-        while secs(times[end] - times[start]) >= 1.0 {
+    for (end, at) in times.iter().enumerate() {
+        while secs(*at - times[start]) >= 1.0 {
             start += 1;
         }
         busiest = busiest.max(end - start + 1);
