@@ -143,7 +143,13 @@ async fn four_workers_warn_and_exhaust_once_then_the_gate_refuses_until_a_raise(
         )
         .await
     );
-    assert!(scalar::<bool>(&db.pool, "SELECT spent = 10 FROM ops_budget_periods WHERE budget = 'writing'").await);
+    assert!(
+        scalar::<bool>(
+            &db.pool,
+            "SELECT spent = 10 FROM ops_budget_periods WHERE budget = 'writing'"
+        )
+        .await
+    );
     for kind in ["budget.warning", "budget.exhausted"] {
         let n: i64 = scalar(
             &db.pool,
@@ -192,12 +198,19 @@ async fn four_workers_warn_and_exhaust_once_then_the_gate_refuses_until_a_raise(
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
     }
     assert_eq!(
-        scalar::<i64>(&db.pool, "SELECT count(*) FROM ops_agent_events WHERE kind = 'budget.raised'").await,
+        scalar::<i64>(
+            &db.pool,
+            "SELECT count(*) FROM ops_agent_events WHERE kind = 'budget.raised'"
+        )
+        .await,
         0
     );
 
     // A raise lets work through again, and re-arms the warning: 10 of 12.5 is past 50 %.
-    let out = opsloop(&db.url, &["budget", "raise", "writing", "4.5", "--as", "ops"]);
+    let out = opsloop(
+        &db.url,
+        &["budget", "raise", "writing", "4.5", "--as", "ops"],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains("limit now 12.5"), "{}", stdout(&out));
     let out = opsloop(&db.url, &["propose", "draft", "n=1001", "--json"]);
@@ -246,9 +259,16 @@ warn_at = 0.5
 
 async fn warnings(pool: &sqlx::PgPool) -> (i64, i64) {
     (
-        scalar(pool, "SELECT count(*) FROM ops_agent_events WHERE kind = 'budget.warning'").await,
-        scalar(pool, "SELECT count(*) FROM ops_agent_events WHERE kind = 'budget.exhausted'")
-            .await,
+        scalar(
+            pool,
+            "SELECT count(*) FROM ops_agent_events WHERE kind = 'budget.warning'",
+        )
+        .await,
+        scalar(
+            pool,
+            "SELECT count(*) FROM ops_agent_events WHERE kind = 'budget.exhausted'",
+        )
+        .await,
     )
 }
 
@@ -282,10 +302,20 @@ async fn the_period_rolls_over_and_agents_and_retries_are_in_scope() {
 
     // 0.25 + 0.6 passes the warning (0.5); + 0.6 reaches the limit (1).
     propose_as(&db.pool, &policy, "draft", "1", "test").await;
-    until(&db.pool, "SELECT spent = 0.85 FROM ops_budget_periods", Duration::from_secs(60)).await;
+    until(
+        &db.pool,
+        "SELECT spent = 0.85 FROM ops_budget_periods",
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(warnings(&db.pool).await, (1, 0));
     propose_as(&db.pool, &policy, "draft", "2", "test").await;
-    until(&db.pool, "SELECT spent = 1.45 FROM ops_budget_periods", Duration::from_secs(60)).await;
+    until(
+        &db.pool,
+        "SELECT spent = 1.45 FROM ops_budget_periods",
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(warnings(&db.pool).await, (1, 1));
 
     // Exhausted: new proposals in its scope are refused (a template's, an agent's), and so
@@ -294,7 +324,10 @@ async fn the_period_rolls_over_and_agents_and_retries_are_in_scope() {
         let p = propose_as(&db.pool, &policy, template, "3", by).await;
         assert_eq!(p.status.as_str(), "rejected", "{template} by {by}: {p:?}");
         assert!(
-            p.reason.as_deref().unwrap_or_default().contains("budget writing is exhausted"),
+            p.reason
+                .as_deref()
+                .unwrap_or_default()
+                .contains("budget writing is exhausted"),
             "{p:?}"
         );
     }
@@ -302,7 +335,11 @@ async fn the_period_rolls_over_and_agents_and_retries_are_in_scope() {
     assert!(p.mission_id.is_some(), "{p:?}");
     let out = opsloop(&db.url, &["retry", &flaky.to_string()]);
     assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
-    assert!(stderr(&out).contains("budget writing is exhausted"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("budget writing is exhausted"),
+        "{}",
+        stderr(&out)
+    );
 
     // A tick checks budgets again and writes nothing twice.
     assert_eq!(opsloop(&db.url, &["tick"]).status.code(), Some(0));
@@ -402,7 +439,13 @@ async fn bad_costs_fail_the_attempt_and_never_count() {
         )
         .await
     );
-    assert!(scalar::<bool>(&db.pool, "SELECT spent = 0.3 FROM ops_budget_periods WHERE budget = 'all' AND period = 'month'").await);
+    assert!(
+        scalar::<bool>(
+            &db.pool,
+            "SELECT spent = 0.3 FROM ops_budget_periods WHERE budget = 'all' AND period = 'month'"
+        )
+        .await
+    );
     let listed = budgets_json(&db.url);
     assert_eq!(listed[0]["spent"].as_f64(), Some(0.3));
     assert_eq!(listed[0]["period"], "month");

@@ -142,9 +142,14 @@ async fn admins_are_told_and_only_an_admins_raise_tap_raises() {
     w.say(BOB, "/propose draft n=1").await;
     let mut copies = Vec::new();
     for admin in [ADA, ALF] {
-        w.message(admin, "<b>budget writing</b> at its warning: spent 2 of 2").await;
+        w.message(admin, "<b>budget writing</b> at its warning: spent 2 of 2")
+            .await;
         let exhausted = w.message(admin, "<b>budget writing</b> is exhausted").await;
-        assert!(exhausted.text.contains("spent 2 of 2 this day"), "{}", exhausted.text);
+        assert!(
+            exhausted.text.contains("spent 2 of 2 this day"),
+            "{}",
+            exhausted.text
+        );
         assert!(button_data(&exhausted).is_some(), "{exhausted:?}");
         copies.push((admin, exhausted));
     }
@@ -165,19 +170,24 @@ async fn admins_are_told_and_only_an_admins_raise_tap_raises() {
         0
     );
     assert_eq!(
-        w.scalar("SELECT raises::bigint FROM ops_budget_periods").await,
+        w.scalar("SELECT raises::bigint FROM ops_budget_periods")
+            .await,
         0
     );
     // A stranger's too.
-    let query = w
-        .fake
-        .tap(Chat::private(777), User::new(777, "Eve"), copies[0].1.message_id, &data);
+    let query = w.fake.tap(
+        Chat::private(777),
+        User::new(777, "Eve"),
+        copies[0].1.message_id,
+        &data,
+    );
     assert!(
         w.fake
             .wait_for(Duration::from_secs(10), |f| f
                 .callback_answers()
                 .iter()
-                .any(|(q, t)| *q == query && t.as_deref().is_some_and(|t| t.contains("Not authorized"))))
+                .any(|(q, t)| *q == query
+                    && t.as_deref().is_some_and(|t| t.contains("Not authorized"))))
             .await
     );
 

@@ -13,8 +13,8 @@ use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::input;
 use crate::domain::policy::Policy;
 use crate::domain::vocab::{EventKind, Source};
-use crate::engine::{budgets, gates};
 use crate::engine::proposals::{self, ProposalStatus};
+use crate::engine::{budgets, gates};
 use crate::store::events::{self, NewEvent};
 use crate::store::{approvals as approvals_store, outbox, proposals as proposals_store};
 

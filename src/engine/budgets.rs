@@ -96,8 +96,11 @@ async fn cross<'a>(
             let Some(budget) = all.iter().find(|b| b.name == c.budget) else {
                 continue;
             };
-            let id = events::emit(conn, NewEvent::new(kind, source).payload(payload(budget, &c)))
-                .await?;
+            let id = events::emit(
+                conn,
+                NewEvent::new(kind, source).payload(payload(budget, &c)),
+            )
+            .await?;
             outbox::enqueue_for_admins(conn, id).await?;
             written += 1;
         }
@@ -249,8 +252,8 @@ pub async fn raise(
     source: Source,
 ) -> OpsResult<RaisedView> {
     let budget = known(policy, name)?;
-    let amount = Amount::positive(amount)
-        .map_err(|e| OpsError::bad_input(format!("bad amount: {e}")))?;
+    let amount =
+        Amount::positive(amount).map_err(|e| OpsError::bad_input(format!("bad amount: {e}")))?;
     let mut tx = pool.begin().await?;
     let raised = store::raise(&mut tx, budget, &amount, by, None)
         .await?
@@ -282,9 +285,9 @@ pub async fn raise_half(
         drop(tx);
         let mut conn = pool.acquire().await?;
         let why = match store::period_row(&mut conn, name, budget.period.as_str(), starts).await? {
-            Some((_, _, _, false)) | None => format!(
-                "that period of budget {name} is over; a new one started from nothing"
-            ),
+            Some((_, _, _, false)) | None => {
+                format!("that period of budget {name} is over; a new one started from nothing")
+            }
             Some((_, by, at, true)) => format!(
                 "budget {name} was already raised{}{}",
                 by.map(|b| format!(" by {b}")).unwrap_or_default(),

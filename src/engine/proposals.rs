@@ -14,8 +14,8 @@ use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::input;
 use crate::domain::policy::{MAX_PRIORITY, MIN_PRIORITY, Policy, Risk, Template};
 use crate::domain::vocab::EventKind;
-use crate::engine::{budgets, gates};
 use crate::engine::missions::{self, PlannedStep};
+use crate::engine::{budgets, gates};
 use crate::store::events::{self, NewEvent};
 use crate::store::proposals::{self as store, NewRow};
 

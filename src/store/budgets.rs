@@ -226,7 +226,14 @@ pub async fn period_row(
     budget: &str,
     period: &str,
     starts: NaiveDate,
-) -> OpsResult<Option<(i32, Option<String>, Option<chrono::DateTime<chrono::Utc>>, bool)>> {
+) -> OpsResult<
+    Option<(
+        i32,
+        Option<String>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        bool,
+    )>,
+> {
     Ok(sqlx::query_as(
         "SELECT raises, raised_by, raised_at, starts = ops_budget_period(period)
          FROM ops_budget_periods WHERE budget = $1 AND period = $2 AND starts = $3",

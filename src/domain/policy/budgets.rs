@@ -114,7 +114,11 @@ fn amount(ctx: &mut Ctx, v: &Val, path: &str, fraction: bool) -> Option<Amount> 
         (n > 0.0, "more than zero")
     };
     if !ok {
-        ctx.problem(&v.span(), path, format!("{n} is out of range: it must be {must}"));
+        ctx.problem(
+            &v.span(),
+            path,
+            format!("{n} is out of range: it must be {must}"),
+        );
         return None;
     }
     // The double's full decimal text (Display never uses an exponent): `5.0` is 5.
@@ -148,7 +152,10 @@ fn patterns(ctx: &mut Ctx, f: &Fields, key: &str, known: &Known) -> Option<Vec<S
                 format!("invalid template pattern {p:?} (1 to 64 of a-z 0-9 _ - and * wildcards)"),
             );
             ok = false;
-        } else if !known.keys().any(|t| super::glob(p.as_bytes(), t.as_bytes())) {
+        } else if !known
+            .keys()
+            .any(|t| super::glob(p.as_bytes(), t.as_bytes()))
+        {
             ctx.problem(&span, &at, format!("pattern {p:?} matches no template"));
             ok = false;
         } else {

@@ -9,13 +9,13 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
-use crate::domain::error::OpsResult;
-use crate::domain::vocab::{EventKind, MissionStatus, Source, StepStatus};
 use crate::domain::budgets::{Amount, cost_of};
+use crate::domain::error::OpsResult;
 use crate::domain::policy::Policy;
-use crate::engine::{budgets, gates};
+use crate::domain::vocab::{EventKind, MissionStatus, Source, StepStatus};
 use crate::engine::questions::{self, NewQuestion};
 use crate::engine::telemetry;
+use crate::engine::{budgets, gates};
 use crate::store::events::{self, NewEvent};
 use crate::store::steps::{EndingRow, Stored};
 use crate::store::{dead_letters, missions, steps};
@@ -181,13 +181,15 @@ pub async fn finish_batch(
     let costs: Vec<(i64, Amount)> = stored
         .iter()
         .filter(|s| s.outcome == StepStatus::Succeeded)
-        .filter_map(|s| match items.iter().find(|(lease, _)| lease.step_id == s.id) {
-            Some((_, Ending::Succeeded { output, .. })) => output
-                .as_object()
-                .and_then(|o| cost_of(o).ok().flatten())
-                .map(|cost| (s.mission_id, cost)),
-            _ => None,
-        })
+        .filter_map(
+            |s| match items.iter().find(|(lease, _)| lease.step_id == s.id) {
+                Some((_, Ending::Succeeded { output, .. })) => output
+                    .as_object()
+                    .and_then(|o| cost_of(o).ok().flatten())
+                    .map(|cost| (s.mission_id, cost)),
+                _ => None,
+            },
+        )
         .collect();
     budgets::charge(conn, policy, &costs).await?;
 

@@ -6,7 +6,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup};
 
-use super::{cut, escape, pages};
+use super::{budget_messages, cut, escape, pages};
 use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::vocab::{EventKind, QuestionStatus};
 use crate::engine::proposals::{self, ProposalStatus};
@@ -383,24 +383,10 @@ pub async fn event(pool: &PgPool, event_id: i64) -> OpsResult<Rendered> {
             payload.get("failures").and_then(Value::as_i64).unwrap_or(0),
             escape(&s("template"))
         ),
-        Ok(EventKind::BudgetExhausted) => return budget_exhausted(pool, &payload).await,
-        Ok(EventKind::BudgetWarning) => format!(
-            "⚠️ <b>budget {}</b> at its warning: spent {} of {} this {} (warn_at {})",
-            escape(&s("budget")),
-            escape(&s("spent")),
-            escape(&s("limit")),
-            escape(&s("period")),
-            escape(&s("warn_at"))
-        ),
-        Ok(EventKind::BudgetRaised) => format!(
-            "➕ <b>budget {}</b> raised by {} by {}: limit now {} this {} (spent {})",
-            escape(&s("budget")),
-            escape(&who(pool, &s("by")).await),
-            escape(&s("amount")),
-            escape(&s("limit")),
-            escape(&s("period")),
-            escape(&s("spent"))
-        ),
+        Ok(
+            kind
+            @ (EventKind::BudgetWarning | EventKind::BudgetExhausted | EventKind::BudgetRaised),
+        ) => return budget_messages::render(pool, kind, &payload).await,
         Ok(EventKind::SystemPaused) => format!("⏸ opsloop paused by {}", escape(&s("by"))),
         Ok(EventKind::SystemResumed) => format!("▶️ opsloop resumed by {}", escape(&s("by"))),
         _ => format!(
@@ -470,66 +456,6 @@ async fn failure(pool: &PgPool, mission: i64, payload: &Value) -> OpsResult<Rend
     })
 }
 
-/// Callback data of an exhaustion message's Raise button: `bud:YYYYMMDD:RAISES:NAME`,
-/// the period and the count of raises it was shown at (a name has at most 32 bytes, so
-/// this stays within 64).
-pub fn raise_data(starts: chrono::NaiveDate, raises: i32, budget: &str) -> String {
-    format!("bud:{}:{raises}:{budget}", starts.format("%Y%m%d"))
-}
-
-/// A budget's exhaustion message: the **➕ Raise 50%** button while the budget stays as
-/// it was (same period, no raise since), else who raised it, or that the period is over.
-async fn budget_exhausted(pool: &PgPool, payload: &Value) -> OpsResult<Rendered> {
-    let s = |key: &str| payload.get(key).and_then(Value::as_str).unwrap_or("");
-    let mut text = format!(
-        "🛑 <b>budget {}</b> is exhausted: spent {} of {} this {} (UTC, since {}). New proposals in its scope are refused; running missions finish.",
-        escape(s("budget")),
-        escape(s("spent")),
-        escape(s("limit")),
-        escape(s("period")),
-        escape(s("starts"))
-    );
-    let raises = payload
-        .get("raises")
-        .and_then(Value::as_i64)
-        .and_then(|n| i32::try_from(n).ok())
-        .unwrap_or(0);
-    let starts = chrono::NaiveDate::parse_from_str(s("starts"), "%Y-%m-%d").ok();
-    let row = match starts {
-        Some(starts) => {
-            let mut conn = pool.acquire().await?;
-            crate::store::budgets::period_row(&mut conn, s("budget"), s("period"), starts).await?
-        }
-        None => None,
-    };
-    let buttons = match (starts, row) {
-        (Some(starts), Some((now, _, _, true))) if now == raises => {
-            Some(InlineKeyboardMarkup::new([[InlineKeyboardButton::callback(
-                "➕ Raise 50%",
-                raise_data(starts, raises, s("budget")),
-            )]]))
-        }
-        (_, Some((now, Some(by), at, _))) if now > raises => {
-            text.push_str(&format!(
-                "\n➕ raised by {}{}",
-                escape(&who(pool, &by).await),
-                at.map(|t| format!(" at {}", t.format("%Y-%m-%d %H:%M UTC")))
-                    .unwrap_or_default()
-            ));
-            None
-        }
-        _ => {
-            text.push_str("\n⌛ that period is over");
-            None
-        }
-    };
-    Ok(Rendered {
-        text: fit(&text),
-        buttons,
-        force_reply: false,
-    })
-}
-
 /// How much of the stderr tail a failure message shows (characters, before escaping).
 const STDERR_SHOWN: usize = 1200;
 
@@ -545,7 +471,7 @@ fn took_text(d: std::time::Duration) -> String {
 }
 
 /// `tg:123` → `Ann (tg:123)` when we know the name; other actors as they are.
-async fn who(pool: &PgPool, actor: &str) -> String {
+pub(super) async fn who(pool: &PgPool, actor: &str) -> String {
     let Some(id) = actor
         .strip_prefix("tg:")
         .and_then(|s| s.parse::<i64>().ok())
@@ -585,7 +511,5 @@ mod tests {
         assert_eq!(took_text(d(185_000)), "3m 05s");
         assert_eq!(took_text(d(3_720_000)), "1h 02m");
         assert!(retry_data(i64::MAX).len() <= 64);
-        let day = chrono::NaiveDate::from_ymd_opt(2026, 12, 2).unwrap_or_default();
-        assert!(raise_data(day, i32::MAX, &"b".repeat(32)).len() <= 64);
     }
 }

@@ -10,7 +10,10 @@ use crate::engine::budgets;
 use crate::store::policy as store;
 
 pub(super) async fn list(pool: &PgPool, json: bool) -> OpsResult<i32> {
-    let policy = store::load(pool).await?.map(|a| a.policy).unwrap_or_default();
+    let policy = store::load(pool)
+        .await?
+        .map(|a| a.policy)
+        .unwrap_or_default();
     let views = budgets::list(pool, &policy).await?;
     if json {
         println!("{}", json!(views));
@@ -20,7 +23,10 @@ pub(super) async fn list(pool: &PgPool, json: bool) -> OpsResult<i32> {
         println!("no budgets (add [budgets.NAME] to the policy)");
         return Ok(0);
     }
-    println!("{:<24} {:<6} {:>14} {:>14}  status", "budget", "period", "spent", "limit");
+    println!(
+        "{:<24} {:<6} {:>14} {:>14}  status",
+        "budget", "period", "spent", "limit"
+    );
     for v in &views {
         println!(
             "{:<24} {:<6} {:>14} {:>14}  {}",
@@ -38,7 +44,10 @@ pub(super) async fn raise(
     json: bool,
 ) -> OpsResult<i32> {
     let by = whoami(actor)?;
-    let policy = store::load(pool).await?.map(|a| a.policy).unwrap_or_default();
+    let policy = store::load(pool)
+        .await?
+        .map(|a| a.policy)
+        .unwrap_or_default();
     let raised = budgets::raise(pool, &policy, name, amount, &by, Source::Cli).await?;
     if json {
         println!("{}", json!(raised));

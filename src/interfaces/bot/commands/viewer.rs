@@ -8,8 +8,8 @@ use teloxide::utils::command::BotCommands;
 use super::{Caller, Command, first};
 use crate::domain::error::OpsResult;
 use crate::domain::input::parse_id;
-use crate::engine::notify::{escape, render};
 use crate::engine::budgets as engine_budgets;
+use crate::engine::notify::{escape, render};
 use crate::engine::{missions, proposals, questions, status as summary};
 use crate::interfaces::bot::BotState;
 use crate::interfaces::bot::access;
@@ -112,7 +112,9 @@ pub async fn budgets(state: Arc<BotState>, _: Caller) -> OpsResult<String> {
     let policy = state.policy.get().await;
     let views = engine_budgets::list(&state.pool, &policy).await?;
     if views.is_empty() {
-        return Ok("No budgets. An admin can add <code>[budgets.NAME]</code> to the policy.".into());
+        return Ok(
+            "No budgets. An admin can add <code>[budgets.NAME]</code> to the policy.".into(),
+        );
     }
     let lines: Vec<String> = views
         .iter()
