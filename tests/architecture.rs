@@ -23,6 +23,7 @@ const OWNERS: &[(&str, &str)] = &[
     ("ops_notifications", "src/store/outbox.rs"),
     ("ops_questions", "src/store/questions.rs"),
     ("ops_budget_periods", "src/store/budgets.rs"),
+    ("ops_api_keys", "src/store/keys.rs"),
 ];
 
 /// Files allowed to write other tables, and why.

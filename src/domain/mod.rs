@@ -5,6 +5,7 @@ pub mod budgets;
 pub mod config;
 pub mod error;
 pub mod input;
+pub mod keys;
 pub mod outputs;
 pub mod policy;
 pub mod steps;

@@ -6,6 +6,7 @@ pub mod budgets;
 pub mod executors;
 pub mod gates;
 pub mod heartbeat;
+pub mod keys;
 pub mod missions;
 pub mod notify;
 pub mod proposals;
