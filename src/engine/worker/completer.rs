@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::domain::error::{OpsError, OpsResult};
+use crate::domain::policy::Policy;
 use crate::engine::missions::progress::{self, Ending, Lease};
 use crate::store::policy::PolicyCache;
 
@@ -39,15 +40,15 @@ pub(super) async fn complete(
 ) {
     let mut batch = Vec::with_capacity(COMPLETION_BATCH);
     while received.recv_many(&mut batch, COMPLETION_BATCH).await > 0 {
-        let pause_after_failures = policy.get().await.gates.pause_after_failures;
-        store(&pool, &batch, pause_after_failures).await;
+        let policy = policy.get().await;
+        store(&pool, &batch, &policy).await;
         batch.clear();
     }
 }
 
 /// Store a batch, retrying on database trouble until it lands; refused endings (lost
 /// leases) are only logged.
-async fn store(pool: &PgPool, batch: &[(Lease, Ending)], pause_after_failures: u32) {
+async fn store(pool: &PgPool, batch: &[(Lease, Ending)], policy: &Policy) {
     let mut delay = Duration::from_millis(100);
     for _ in 0..20 {
         // On a connection of its own, bounded: one that does not answer is given up and
@@ -58,7 +59,7 @@ async fn store(pool: &PgPool, batch: &[(Lease, Ending)], pause_after_failures: u
             let mut conn = pool.acquire().await?;
             let stored = tokio::time::timeout(STALLED, async {
                 let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-                let stored = progress::finish_batch(&mut tx, batch, pause_after_failures).await?;
+                let stored = progress::finish_batch(&mut tx, batch, policy).await?;
                 tx.commit().await?;
                 Ok::<Vec<bool>, OpsError>(stored)
             })
