@@ -268,7 +268,7 @@ fn telegram_env(fake: &FakeTelegram) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn env_refs(env: &[(&'static str, String)]) -> Vec<(&'static str, &str)> {
+fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     env.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
@@ -564,7 +564,7 @@ async fn fitflow_tweet_quota_and_its_five_invariants() {
 async fn neonhub_cron_agents_retry_then_pause_with_an_alert() {
     let policy = example_policy("neonhub");
     assert_eq!(policy.triggers.len(), 6);
-    assert!(policy.triggers.iter().all(|t| t.cron == "*/5 * * * *"));
+    assert!(policy.triggers.iter().all(|t| t.cron_source == "*/5 * * * *"));
     assert_eq!(policy.worker.max_attempts, 3);
     assert_eq!(policy.worker.backoff.base, Duration::from_secs(1));
     assert_eq!(policy.worker.backoff.max, Duration::from_secs(300));
@@ -628,4 +628,209 @@ async fn neonhub_cron_agents_retry_then_pause_with_an_alert() {
         .await;
     let status = ex.json(&["status", "--json"]);
     assert!(status["dead_letters"].as_i64() >= Some(2), "{status}");
+}
+
+/// Mission Control: LOW runs on its own, HIGH waits for one approver, RED for two
+/// different people (never the proposer, never one person twice); each agent reports
+/// its cost; `status` shows both agent hosts (the daemon's worker and run.sh's second).
+#[tokio::test]
+async fn mission_control_tiers_dual_control_and_workers() {
+    let db = test_db().await;
+    let ex = Example::start("mission-control", &db, "127.0.0.1:18740", &[]).await;
+
+    // Agent liveness: two workers, each seen.
+    let mut status = Value::Null;
+    for _ in 0..600 {
+        status = ex.json(&["status", "--json"]);
+        if status["workers"].as_array().map_or(0, Vec::len) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let workers = status["workers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(workers.len(), 2, "{status}\n{}", ex.log());
+    assert_ne!(workers[0]["id"], workers[1]["id"]);
+    assert!(workers.iter().all(|w| w["last_seen"].is_string()), "{status}");
+
+    // LOW.
+    let low = ex.json(&["propose", "health", "service=api", "--json"]);
+    assert_eq!(low["status"], "approved", "{low}");
+    let m = ex
+        .wait_status(low["mission_id"].as_i64().expect("id"), "succeeded")
+        .await;
+    assert_eq!(output(&m, "probe")["cost"], 0.01, "{m}");
+
+    // HIGH: nothing runs until an approver says so.
+    let high = ex.json(&[
+        "propose",
+        "deploy",
+        "service=api",
+        "version=v2.3.1",
+        "--json",
+    ]);
+    assert_eq!(high["status"], "pending", "{high}");
+    assert!(high["mission_id"].is_null(), "{high}");
+    let bad = ex.cli(&["propose", "deploy", "service=api", "version=latest"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    let id = high["id"].to_string();
+    let o = ex.cli(&["approve", &id, "--as", "alice"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    ex.wait_mission("deploy", |m| m["status"] == "succeeded")
+        .await;
+
+    // RED: dual control.
+    let red = ex.json(&[
+        "propose",
+        "failover",
+        "cluster=main",
+        "--as",
+        "alice",
+        "--json",
+    ]);
+    assert_eq!(red["status"], "pending", "{red}");
+    let id = red["id"].to_string();
+    let own = ex.cli(&["approve", &id, "--as", "alice"]);
+    assert_eq!(own.status.code(), Some(3), "{}", stderr(&own));
+    let first = ex.cli(&["approve", &id, "--as", "bob"]);
+    assert!(stdout(&first).contains("1/2"), "{}", stdout(&first));
+    // Bob again (however he spells it) is still one approval.
+    let twice = ex.cli(&["approve", &id, "--as", "Bob"]);
+    assert!(
+        format!("{}{}", stdout(&twice), stderr(&twice)).contains("1/2"),
+        "{}{}",
+        stdout(&twice),
+        stderr(&twice)
+    );
+    assert_eq!(ex.count("failover", "succeeded") + ex.count("failover", "running"), 0);
+    let second = ex.cli(&["approve", &id, "--as", "carol"]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    ex.wait_mission("failover", |m| m["status"] == "succeeded")
+        .await;
+    let actions = std::fs::read_to_string(ex.dir.join("out/actions.log")).expect("log");
+    assert_eq!(
+        actions.lines().collect::<Vec<_>>(),
+        [
+            "health api",
+            "deploy api v2.3.1",
+            "health api",
+            "fence main",
+            "promote main"
+        ]
+    );
+    let status = ex.json(&["status", "--json"]);
+    assert_eq!(status["pending_approvals"], serde_json::json!([]), "{status}");
+}
+
+/// AgentVine: each agent proposes over HTTP with its own key, only its own templates;
+/// autonomous work runs, supervised work waits for one approver and then asks a
+/// clarification question mid-step (`opsloop ask`), answered at the CLI;
+/// human-required work needs two people; an agent's rate limit refuses the extra one.
+#[tokio::test]
+async fn agentvine_levels_keys_and_a_clarification_mid_step() {
+    let db = test_db().await;
+    let ex = Example::start("agentvine", &db, "127.0.0.1:18750", &[]).await;
+    let keys = ex.dir.join(".keys");
+    for _ in 0..600 {
+        if ["triager", "coder", "releaser"]
+            .iter()
+            .all(|k| keys.join(k).is_file())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let propose = |agent: &str, args: &[&str]| {
+        let out = Command::new(ex.dir.join("agents/propose.py"))
+            .arg(agent)
+            .args(args)
+            .current_dir(&ex.dir)
+            .env("OPSLOOP_HTTP_ADDR", &ex.http)
+            .output()
+            .expect("propose.py");
+        let body: Value = serde_json::from_str(&stdout(&out)).unwrap_or(Value::Null);
+        (out.status.code(), body, stderr(&out))
+    };
+
+    // Autonomous.
+    let (code, p, err) = propose("triager", &["triage", "issue=42"]);
+    assert_eq!(code, Some(0), "{p} {err}\n{}", ex.log());
+    assert_eq!(p["status"], "approved", "{p}");
+    let m = ex
+        .wait_status(p["mission_id"].as_i64().expect("id"), "succeeded")
+        .await;
+    assert_eq!(output(&m, "label")["label"], "bug");
+
+    // Out of scope: nothing stored.
+    let before = ex.missions().len();
+    let (code, p, _) = propose("triager", &["release", "version=v1.0.0"]);
+    assert_eq!(code, Some(3), "{p}");
+    let (code, p, _) = propose("coder", &["triage", "issue=43"]);
+    assert_eq!(code, Some(3), "{p}");
+    assert_eq!(ex.missions().len(), before);
+
+    // Supervised, with a question in the middle.
+    let (code, p, _) = propose("coder", &["fix", "issue=42"]);
+    assert_eq!(code, Some(0), "{p}");
+    assert_eq!(p["status"], "pending", "{p}");
+    let o = ex.cli(&["approve", &p["id"].to_string(), "--as", "alice"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut question = Value::Null;
+    for _ in 0..600 {
+        let open = ex.json(&["questions", "--json"]);
+        if let Some(q) = open.as_array().and_then(|l| l.first()) {
+            question = q.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        question["question"]
+            .as_str()
+            .is_some_and(|q| q.contains("Issue 42")),
+        "{question}\n{}",
+        ex.log()
+    );
+    let fix = ex
+        .wait_mission("fix", |m| m["steps"][0]["status"] == "running")
+        .await;
+    assert_eq!(question["mission_id"], fix["id"], "{question}");
+    let wrong = ex.cli(&["answer", &question["id"].to_string(), "maybe"]);
+    assert_eq!(wrong.status.code(), Some(2), "{}", stderr(&wrong));
+    let o = ex.cli(&[
+        "answer",
+        &question["id"].to_string(),
+        "break",
+        "--as",
+        "alice",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let fix = ex
+        .wait_status(fix["id"].as_i64().expect("id"), "succeeded")
+        .await;
+    assert_eq!(output(&fix, "code")["compat"], "break", "{fix}");
+    assert_eq!(ex.events("fix.ready").len(), 1);
+
+    // The coder's rate limit: two pending at once, the third refused.
+    for issue in ["issue=50", "issue=51"] {
+        let (code, p, _) = propose("coder", &["fix", issue]);
+        assert_eq!(code, Some(0), "{p}");
+        assert_eq!(p["status"], "pending", "{p}");
+    }
+    let (code, p, _) = propose("coder", &["fix", "issue=52"]);
+    assert_eq!(code, Some(3), "{p}");
+    assert!(p.to_string().contains("max_pending"), "{p}");
+
+    // Human-required.
+    let (code, p, _) = propose("releaser", &["release", "version=v1.0.0"]);
+    assert_eq!(code, Some(0), "{p}");
+    let id = p["id"].to_string();
+    let one = ex.cli(&["approve", &id, "--as", "alice"]);
+    assert!(stdout(&one).contains("1/2"), "{}", stdout(&one));
+    let two = ex.cli(&["approve", &id, "--as", "bob"]);
+    assert!(two.status.success(), "{}", stderr(&two));
+    ex.wait_mission("release", |m| m["status"] == "succeeded")
+        .await;
+    let listed = ex.json(&["keys", "list", "--json"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");
+    assert!(!listed.to_string().contains("olk_"), "no key is ever listed");
 }
