@@ -4,6 +4,7 @@
 pub mod config;
 pub mod error;
 pub mod input;
+pub mod keys;
 pub mod outputs;
 pub mod policy;
 pub mod steps;

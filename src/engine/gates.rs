@@ -34,13 +34,15 @@ impl Refusal {
 }
 
 /// The gates of a new proposal, in order; the first that refuses decides. `automatic`:
-/// from a reaction or a trigger, which the pause switch refuses.
+/// from a reaction or a trigger, which the pause switch refuses. `proposed_by`: an
+/// agent (`agent:NAME`) is held to its own gates too.
 pub async fn check(
     conn: &mut PgConnection,
     policy: &Policy,
     template: &Template,
     params: &Value,
     automatic: bool,
+    proposed_by: &str,
 ) -> OpsResult<Option<Refusal>> {
     let name = template.name.as_str();
     if automatic && is_paused(conn).await? {
@@ -71,7 +73,47 @@ pub async fn check(
             ),
         )));
     }
+    if let Some(refusal) = agent_gates(conn, policy, proposed_by).await? {
+        return Ok(Some(refusal));
+    }
     caps(conn, policy, name).await
+}
+
+/// `[gates.agents.NAME]` for a proposal of `agent:NAME`; people are not bound by them.
+async fn agent_gates(
+    conn: &mut PgConnection,
+    policy: &Policy,
+    proposed_by: &str,
+) -> OpsResult<Option<Refusal>> {
+    let Some((agent, limits)) = proposed_by
+        .strip_prefix("agent:")
+        .and_then(|name| policy.gates.agents.get_key_value(name))
+    else {
+        return Ok(None);
+    };
+    if let Some(max) = limits.max_pending {
+        let pending = count_pending_of(conn, proposed_by).await?;
+        if pending >= i64::from(max) {
+            return Ok(Some(Refusal::new(
+                "agent_max_pending",
+                format!(
+                    "agent {agent} has {pending} proposals waiting for a decision (gates.agents.{agent}.max_pending = {max})"
+                ),
+            )));
+        }
+    }
+    if let Some(cap) = limits.daily_cap {
+        let today = count_today_of(conn, proposed_by).await?;
+        if today >= i64::from(cap) {
+            return Ok(Some(Refusal::new(
+                "agent_daily_cap",
+                format!(
+                    "agent {agent} made {today} proposals today (gates.agents.{agent}.daily_cap = {cap}, UTC day)"
+                ),
+            )));
+        }
+    }
+    Ok(None)
 }
 
 /// The gates about missions (template paused, max_running, cooldown, daily_cap), run
@@ -270,6 +312,29 @@ async fn count_pending(conn: &mut PgConnection) -> OpsResult<i64> {
     Ok(sqlx::query_scalar(
         "SELECT count(*) FROM ops_mission_proposals WHERE status = 'pending' AND expires_at > now()",
     )
+    .fetch_one(conn)
+    .await?)
+}
+
+async fn count_pending_of(conn: &mut PgConnection, proposed_by: &str) -> OpsResult<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM ops_mission_proposals
+         WHERE proposed_by = $1 AND status = 'pending' AND expires_at > now()",
+    )
+    .bind(proposed_by)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Proposals of `proposed_by` created this UTC day, not counting those a gate refused.
+async fn count_today_of(conn: &mut PgConnection, proposed_by: &str) -> OpsResult<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM ops_mission_proposals
+         WHERE proposed_by = $1
+           AND created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+           AND (decided_by IS NULL OR decided_by NOT LIKE 'gate:%')",
+    )
+    .bind(proposed_by)
     .fetch_one(conn)
     .await?)
 }

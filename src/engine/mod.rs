@@ -5,6 +5,7 @@ pub mod approvals;
 pub mod executors;
 pub mod gates;
 pub mod heartbeat;
+pub mod keys;
 pub mod missions;
 pub mod notify;
 pub mod proposals;

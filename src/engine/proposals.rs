@@ -134,6 +134,7 @@ pub async fn propose_in(
         template,
         &params_json,
         request.source.is_automatic(),
+        &request.proposed_by,
     )
     .await?;
     let rule = policy.approval.rule(template.risk);

@@ -8,6 +8,7 @@
 pub mod approvals;
 pub mod dead_letters;
 pub mod events;
+pub mod keys;
 pub mod missions;
 pub mod outbox;
 pub mod policy;

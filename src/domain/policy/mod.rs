@@ -423,6 +423,8 @@ pub struct GatesPolicy {
     /// Consecutive failed missions that pause a template; 0 = off.
     pub pause_after_failures: u32,
     pub templates: BTreeMap<TemplateName, TemplateGates>,
+    /// By key name: limits on the proposals of `agent:NAME`.
+    pub agents: BTreeMap<String, AgentGates>,
 }
 
 impl Default for GatesPolicy {
@@ -431,8 +433,18 @@ impl Default for GatesPolicy {
             max_pending: 50,
             pause_after_failures: 2,
             templates: BTreeMap::new(),
+            agents: BTreeMap::new(),
         }
     }
+}
+
+/// One agent's limits (design §11); people are not bound by them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentGates {
+    /// Its proposals pending at once.
+    pub max_pending: Option<u32>,
+    /// Its proposals created per UTC day (those a gate refused do not count).
+    pub daily_cap: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

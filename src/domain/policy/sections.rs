@@ -3,10 +3,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::domain::keys::KeyName;
+
 use super::read::{self, Ctx, Fields, Val};
 use super::templates::Known;
 use super::{
-    ApprovalPolicy, Backoff, EventPattern, GatesPolicy, HeartbeatPolicy, NotifyPolicy,
+    AgentGates, ApprovalPolicy, Backoff, EventPattern, GatesPolicy, HeartbeatPolicy, NotifyPolicy,
     RetentionPolicy, Risk, TelegramPolicy, TemplateGates, TemplateName, TierRule, WorkerPolicy,
 };
 
@@ -61,7 +63,7 @@ fn tier(ctx: &mut Ctx, v: &Val, path: &str, default: TierRule) -> TierRule {
 
 pub(super) fn gates(ctx: &mut Ctx, v: &Val, templates: &Known) -> GatesPolicy {
     let mut out = GatesPolicy::default();
-    let known = ["max_pending", "pause_after_failures", "templates"];
+    let known = ["max_pending", "pause_after_failures", "templates", "agents"];
     let Some(f) = Fields::new(ctx, v, "gates", &known) else {
         return out;
     };
@@ -71,11 +73,41 @@ pub(super) fn gates(ctx: &mut Ctx, v: &Val, templates: &Known) -> GatesPolicy {
     if let Some(n) = f.u32_in(ctx, "pause_after_failures", 0, u32::MAX) {
         out.pause_after_failures = n;
     }
-    let Some(v) = f.get("templates") else {
+    if let Some(v) = f.get("templates") {
+        let path = f.path("templates");
+        out.templates = template_gates(ctx, v, &path, templates);
+    }
+    if let Some(v) = f.get("agents") {
+        let path = f.path("agents");
+        out.agents = agent_gates(ctx, v, &path);
+    }
+    out
+}
+
+/// `[gates.agents.NAME]`: limits on the proposals of `agent:NAME` (design §11). The
+/// names are key names; a key need not exist yet (keys live in the database).
+fn agent_gates(ctx: &mut Ctx, v: &Val, path: &str) -> BTreeMap<String, AgentGates> {
+    let mut out = BTreeMap::new();
+    let Some(table) = v.get_ref().as_table() else {
+        read::type_error(ctx, v, path, "a table of agents (key names)");
         return out;
     };
-    let path = f.path("templates");
-    out.templates = template_gates(ctx, v, &path, templates);
+    for (key, value) in table.iter() {
+        let name = key.get_ref().as_ref();
+        let path = read::child(path, name);
+        if let Err(e) = KeyName::parse(name) {
+            ctx.problem(&key.span(), &path, e.to_string());
+        }
+        let known = ["max_pending", "daily_cap"];
+        let Some(f) = Fields::new(ctx, value, &path, &known) else {
+            continue;
+        };
+        let gates = AgentGates {
+            max_pending: f.u32_in(ctx, "max_pending", 1, u32::MAX),
+            daily_cap: f.u32_in(ctx, "daily_cap", 1, u32::MAX),
+        };
+        out.insert(name.to_string(), gates);
+    }
     out
 }
 

@@ -137,6 +137,7 @@ async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsRes
         Command::Emit { kind, payload } => emit(pool, &kind, payload).await,
         Command::Pause { actor } => pause(pool, actor).await,
         Command::Resume { template, actor } => resume(pool, template, actor).await,
+        Command::Keys { command } => super::keys::run(pool, command).await,
         Command::Users { command } => users_command(pool, command).await,
         Command::Bench { command } => bench(db, command).await,
         // Handled before: doctor and the daemons above, the setup commands in cli::setup,

@@ -4,6 +4,7 @@
 mod ask;
 mod commands;
 mod controls;
+mod keys;
 mod setup;
 mod show;
 
@@ -178,6 +179,11 @@ pub enum Command {
         #[arg(long = "as", value_name = "NAME")]
         actor: Option<String>,
     },
+    /// Agent keys for /api/*: each agent its own key, limited to its scopes.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Telegram users and their roles.
     Users {
         #[command(subcommand)]
@@ -261,6 +267,33 @@ pub enum PolicyCommand {
     Apply { file: PathBuf },
     /// Print the applied policy.
     Show,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create agent NAME's key and print it (once; only its SHA-256 is kept).
+    Create {
+        name: String,
+        /// Templates it may propose (`*` wildcards; repeat for more).
+        #[arg(long, value_name = "PATTERN")]
+        propose: Vec<String>,
+        /// Event kinds it may emit (`*` wildcards; repeat for more).
+        #[arg(long, value_name = "PATTERN")]
+        emit: Vec<String>,
+        /// It may ask questions and answer them.
+        #[arg(long)]
+        answer: bool,
+        /// It may read (GET) missions and questions.
+        #[arg(long)]
+        read: bool,
+    },
+    /// Every key: name, scopes, last use (never a key).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke NAME's key: its next request is refused, on every host.
+    Revoke { name: String },
 }
 
 #[derive(Debug, Subcommand)]

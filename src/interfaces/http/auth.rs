@@ -1,4 +1,7 @@
-//! `/api/*` needs `Authorization: Bearer $OPS_KEY`; without `OPS_KEY` nothing passes.
+//! Who is calling `/api/*`: `Authorization: Bearer $OPS_KEY` is the operator, with every
+//! scope; `Bearer olk_…` is an agent key (design §11), looked up on every request so a
+//! revocation holds at once, and limited to its scopes. A key anywhere else (the query
+//! string, Basic auth) is refused: URLs end up in logs.
 
 use std::sync::Arc;
 
@@ -11,14 +14,16 @@ use subtle::ConstantTimeEq;
 
 use super::AppState;
 use super::errors::ApiError;
+use crate::engine::keys::{self, Agent};
 
-/// The API key, kept only as its SHA-256 digest, so it can neither be logged by
-/// accident nor compared in time that depends on its contents.
+/// `OPS_KEY`, kept only as its SHA-256 digest, so it can neither be logged by accident
+/// nor compared in time that depends on its contents.
 #[derive(Clone)]
 pub(super) struct ApiKey(Option<Arc<[u8; 32]>>);
 
 impl ApiKey {
-    /// `None` (or blank) turns every `/api/*` call away.
+    /// `None` (or blank) turns the API off: every `/api/*` call is refused, agent keys'
+    /// too (the operator turns the API on by setting `OPS_KEY`).
     pub(super) fn new(key: Option<&str>) -> ApiKey {
         ApiKey(
             key.filter(|k| !k.trim().is_empty())
@@ -26,27 +31,16 @@ impl ApiKey {
         )
     }
 
-    fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Some(expected) = self.0.as_deref() else {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "the API is off: OPS_KEY is not set on this server",
-            ));
-        };
-        let Some(given) = bearer(headers) else {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing key: send Authorization: Bearer $OPS_KEY",
-            ));
-        };
+    fn is_off(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn is(&self, given: &str) -> bool {
         // Equal-length digests compared in constant time: neither the key's length nor
         // its contents show in the timing.
-        if bool::from(digest(given).ct_eq(expected)) {
-            Ok(())
-        } else {
-            tracing::warn!("http: an /api call with a wrong key was refused");
-            Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong key"))
-        }
+        self.0
+            .as_deref()
+            .is_some_and(|expected| bool::from(digest(given).ct_eq(expected)))
     }
 }
 
@@ -54,24 +48,144 @@ fn digest(text: &str) -> [u8; 32] {
     Sha256::digest(text.as_bytes()).into()
 }
 
-/// The layer on every route that needs the key: checked before anything else, so
-/// without it there is no 404, 405 or 422 either.
-pub(super) async fn require_key(
-    State(state): State<AppState>,
-    request: Request,
+/// The authenticated caller, put into the request for the handlers.
+#[derive(Clone)]
+pub(super) enum Caller {
+    Operator,
+    Agent(Arc<Agent>),
+}
+
+impl Caller {
+    /// The identity an agent acts as (`agent:NAME`); `None` for the operator.
+    pub(super) fn agent(&self) -> Option<&Agent> {
+        match self {
+            Caller::Operator => None,
+            Caller::Agent(agent) => Some(agent),
+        }
+    }
+}
+
+/// What a route needs beyond a valid key. Agents need the scope; the operator has all.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Need {
+    /// `OPS_KEY` only (the heartbeat).
+    Operator,
+    /// At least one `--propose` pattern; the handler checks the template.
+    Propose,
+    /// At least one `--emit` pattern; the handler checks the kind.
+    Emit,
+    /// `--read`.
+    Read,
+    /// `--answer`.
+    Answer,
+    /// Reading a question: both `--read` (a GET) and `--answer` (a question).
+    ReadAnswer,
+}
+
+impl Need {
+    /// Why `agent` may not call a route that needs this, or `None` when it may.
+    fn refusal(self, agent: &Agent) -> Option<String> {
+        let s = &agent.scopes;
+        let name = agent.name.as_str();
+        let missing = |what: &str, flag: &str| {
+            Some(format!(
+                "key {name} may not {what} (a key needs {flag} for that)"
+            ))
+        };
+        match self {
+            Need::Operator => Some(format!(
+                "key {name} may not run the heartbeat: only OPS_KEY may"
+            )),
+            Need::Propose if s.propose.is_empty() => missing("propose", "--propose PATTERN"),
+            Need::Emit if s.emit.is_empty() => missing("emit events", "--emit PATTERN"),
+            Need::Read if !s.read => missing("read", "--read"),
+            Need::Answer if !s.answer => missing("ask or answer questions", "--answer"),
+            Need::ReadAnswer if !(s.read && s.answer) => {
+                missing("read questions", "--read and --answer")
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The layer on every route that needs a key: checked before anything else, so
+/// without one there is no 404, 405 or 422 either.
+pub(super) async fn require(
+    State((state, need)): State<(AppState, Need)>,
+    mut request: Request,
     next: Next,
 ) -> Response {
-    match state.ops_key.check(request.headers()) {
-        Ok(()) => next.run(request).await,
+    // Read what the check needs first: a `&Request` cannot be held across an await.
+    let in_url = request.uri().query().is_some_and(query_holds_a_key);
+    let given = bearer(request.headers()).map(str::to_owned);
+    match authorize(&state, need, in_url, given).await {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
         Err(refused) => refused.into_response(),
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.trim().split_once(' ')?;
+async fn authorize(
+    state: &AppState,
+    need: Need,
+    key_in_url: bool,
+    given: Result<String, &'static str>,
+) -> Result<Caller, ApiError> {
+    let unauthorized = |m: &str| Err(ApiError::new(StatusCode::UNAUTHORIZED, m));
+    if state.ops_key.is_off() {
+        return unauthorized("the API is off: OPS_KEY is not set on this server");
+    }
+    if key_in_url {
+        return unauthorized(
+            "a key in the URL is refused (URLs end up in logs): send Authorization: Bearer KEY",
+        );
+    }
+    let given = match given {
+        Ok(token) => token,
+        Err(why) => return unauthorized(why),
+    };
+    if state.ops_key.is(&given) {
+        return Ok(Caller::Operator);
+    }
+    let Some(agent) = keys::authenticate(&state.pool, &given).await? else {
+        tracing::warn!("http: an /api call with an unknown or revoked key was refused");
+        return unauthorized("unknown or revoked key");
+    };
+    if let Some(why) = need.refusal(&agent) {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, why));
+    }
+    Ok(Caller::Agent(Arc::new(agent)))
+}
+
+fn bearer(headers: &HeaderMap) -> Result<&str, &'static str> {
+    const MISSING: &str = "missing key: send Authorization: Bearer KEY";
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(MISSING);
+    };
+    let value = value.to_str().map_err(|_| MISSING)?;
+    let (scheme, token) = value.trim().split_once(' ').ok_or(MISSING)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(
+            "only bearer keys are accepted (not Basic or other schemes): send Authorization: Bearer KEY",
+        );
+    }
     let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    if token.is_empty() { Err(MISSING) } else { Ok(token) }
+}
+
+/// A query string that carries something key-like: a parameter named like a key, or a
+/// value shaped like an agent key.
+fn query_holds_a_key(query: &str) -> bool {
+    query.split('&').any(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = name.to_ascii_lowercase();
+        matches!(
+            name.as_str(),
+            "key" | "api_key" | "apikey" | "ops_key" | "token" | "access_token" | "auth" | "authorization"
+        ) || value.starts_with(crate::domain::keys::PREFIX)
+    })
 }
 
 #[cfg(test)]
@@ -79,40 +193,62 @@ mod tests {
     use axum::http::HeaderValue;
 
     use super::*;
+    use crate::domain::keys::{KeyName, Scopes};
 
     #[test]
     fn bearer_tokens_are_parsed_strictly() {
         let mut h = HeaderMap::new();
-        assert_eq!(bearer(&h), None);
+        assert!(bearer(&h).is_err());
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer abc"),
         );
-        assert_eq!(bearer(&h), Some("abc"));
+        assert_eq!(bearer(&h), Ok("abc"));
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("bearer  abc "),
         );
-        assert_eq!(bearer(&h), Some("abc"));
+        assert_eq!(bearer(&h), Ok("abc"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
-        assert_eq!(bearer(&h), None);
+        assert!(bearer(&h).unwrap_err().contains("Basic"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
-        assert_eq!(bearer(&h), None);
+        assert!(bearer(&h).is_err());
     }
 
     #[test]
-    fn only_the_key_itself_passes() {
-        let with = |value: &'static str| {
-            let mut h = HeaderMap::new();
-            h.insert(header::AUTHORIZATION, HeaderValue::from_static(value));
-            h
-        };
+    fn only_the_key_itself_is_the_operator() {
         let key = ApiKey::new(Some("sesame"));
-        assert!(key.check(&with("Bearer sesame")).is_ok());
-        assert!(key.check(&with("Bearer sesam")).is_err());
-        assert!(key.check(&HeaderMap::new()).is_err());
+        assert!(key.is("sesame"));
+        assert!(!key.is("sesam"));
         for off in [None, Some(""), Some("  ")] {
-            assert!(ApiKey::new(off).check(&with("Bearer sesame")).is_err());
+            assert!(!ApiKey::new(off).is("sesame"));
         }
+    }
+
+    #[test]
+    fn keys_in_query_strings_are_spotted() {
+        assert!(query_holds_a_key("key=x"));
+        assert!(query_holds_a_key("wait=30s&access_token=x"));
+        assert!(query_holds_a_key("x=olk_abc"));
+        assert!(!query_holds_a_key("wait=30s"));
+    }
+
+    #[test]
+    fn each_need_names_the_missing_scope() {
+        let agent = |scopes: Scopes| Agent {
+            name: KeyName::parse("writer").unwrap(),
+            scopes,
+        };
+        let none = agent(Scopes::default());
+        for need in [Need::Operator, Need::Propose, Need::Emit, Need::Read, Need::Answer, Need::ReadAnswer] {
+            assert!(need.refusal(&none).is_some(), "{need:?}");
+        }
+        let all = agent(Scopes::parse(&["*".into()], &["*".into()], true, true).unwrap());
+        for need in [Need::Propose, Need::Emit, Need::Read, Need::Answer, Need::ReadAnswer] {
+            assert_eq!(need.refusal(&all), None, "{need:?}");
+        }
+        assert!(Need::Operator.refusal(&all).unwrap().contains("heartbeat"));
+        let answer_only = agent(Scopes::parse(&[], &[], true, false).unwrap());
+        assert!(Need::ReadAnswer.refusal(&answer_only).unwrap().contains("--read"));
     }
 }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::body::Body;
+use axum::{Extension, Json};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::auth::Caller;
 use super::errors::ApiError;
 use super::json::StrictJson;
 use super::{AppState, SERVER};
@@ -80,13 +81,27 @@ pub(super) struct EventRequest {
     payload: Option<Value>,
 }
 
-/// `POST /api/events`: an event of the caller's own kind; 201 with its id.
+/// `POST /api/events`: an event of the caller's own kind; 201 with its id. An agent's
+/// events carry its name as their source (`agent:NAME`).
 pub(super) async fn emit_event(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     StrictJson(body): StrictJson<EventRequest>,
 ) -> Result<Response, ApiError> {
+    let source = match caller.agent() {
+        None => Source::Http.as_str().to_string(),
+        Some(agent) if agent.scopes.may_emit(&body.kind) => agent.name.principal(),
+        Some(agent) => {
+            return Err(forbidden(format!(
+                "key {} may not emit {:?} (it may emit {})",
+                agent.name.as_str(),
+                body.kind,
+                agent.scopes.describe()
+            )));
+        }
+    };
     let payload = body.payload.unwrap_or_else(|| json!({}));
-    let id = events::emit_user(&state.pool, &body.kind, Source::Http.as_str(), payload).await?;
+    let id = events::emit_user(&state.pool, &body.kind, &source, payload).await?;
     Ok((StatusCode::CREATED, Json(json!({ "id": id }))).into_response())
 }
 
@@ -96,7 +111,10 @@ pub(super) struct ProposalRequest {
     template: String,
     #[serde(default)]
     params: BTreeMap<String, Value>,
-    proposed_by: String,
+    /// Required with `OPS_KEY`; an agent key proposes as `agent:NAME` (omit it or give
+    /// exactly that).
+    #[serde(default)]
+    proposed_by: Option<String>,
     /// Overrides the template's priority, only downwards (design §12).
     #[serde(default)]
     priority: Option<i64>,
@@ -107,10 +125,21 @@ pub(super) struct ProposalRequest {
 /// exists, with its id).
 pub(super) async fn propose(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     StrictJson(body): StrictJson<ProposalRequest>,
 ) -> Result<Response, ApiError> {
+    if let Some(agent) = caller.agent()
+        && !agent.scopes.may_propose(&body.template)
+    {
+        return Err(forbidden(format!(
+            "key {} may not propose {:?} (it may {})",
+            agent.name.as_str(),
+            body.template,
+            agent.scopes.describe()
+        )));
+    }
     // Normalized, so the same person is the same proposer whatever the spelling.
-    let proposed_by = input::identity(&body.proposed_by, "proposed_by")?;
+    let proposed_by = acting_as(&caller, body.proposed_by.as_deref(), "proposed_by")?;
     let mut params = BTreeMap::new();
     for (key, value) in body.params {
         match value {
@@ -195,6 +224,7 @@ pub(super) struct QuestionRequest {
 /// `POST /api/questions`: an agent asks people; 201 `{id, status}`.
 pub(super) async fn ask(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     StrictJson(body): StrictJson<QuestionRequest>,
 ) -> Result<Response, ApiError> {
     let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
@@ -209,7 +239,9 @@ pub(super) async fn ask(
         ),
     };
     let question = NewQuestion {
-        asked_by: "http".into(),
+        asked_by: caller
+            .agent()
+            .map_or_else(|| Source::Http.as_str().to_string(), |a| a.name.principal()),
         question: body.question,
         choices: body.choices.unwrap_or_default(),
         pattern: body.pattern,
@@ -270,18 +302,21 @@ pub(super) async fn question(
 #[serde(deny_unknown_fields)]
 pub(super) struct AnswerRequest {
     answer: String,
-    answered_by: String,
+    /// Required with `OPS_KEY`; an agent key answers as `agent:NAME`.
+    #[serde(default)]
+    answered_by: Option<String>,
 }
 
 /// `POST /api/questions/{id}/answer`: 200 with the answer; 422 when it is not allowed,
 /// 409 when the question is no longer open, 404 when there is none.
 pub(super) async fn answer(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
     StrictJson(body): StrictJson<AnswerRequest>,
 ) -> Result<Response, ApiError> {
     let id = path_id(&raw, "question")?;
-    let by = input::identity(&body.answered_by, "answered_by")?;
+    let by = acting_as(&caller, body.answered_by.as_deref(), "answered_by")?;
     if questions::get(&state.pool, id).await.is_err() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -290,6 +325,35 @@ pub(super) async fn answer(
     }
     let answered = questions::answer(&state.pool, id, &body.answer, &by, Source::Http).await?;
     Ok(Json(json!(answered)).into_response())
+}
+
+/// Who the caller acts as: the operator names anyone (`field` is required); an agent
+/// is always `agent:NAME`, and naming anyone else is refused.
+fn acting_as(caller: &Caller, named: Option<&str>, field: &str) -> Result<String, ApiError> {
+    match (caller.agent(), named) {
+        (None, Some(name)) => Ok(input::identity(name, field)?),
+        (None, None) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{field} is required (who is acting, e.g. \"script:deploy\")"),
+        )),
+        (Some(agent), None) => Ok(agent.name.principal()),
+        (Some(agent), Some(name)) => {
+            let principal = agent.name.principal();
+            if input::normalize_identity(name) == principal {
+                Ok(principal)
+            } else {
+                Err(forbidden(format!(
+                    "key {} acts only as {principal}, not {:?}",
+                    agent.name.as_str(),
+                    name.chars().take(64).collect::<String>()
+                )))
+            }
+        }
+    }
+}
+
+fn forbidden(message: String) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, message)
 }
 
 /// An id from the path: a positive number (`#5` is fine), else 400.

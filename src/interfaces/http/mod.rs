@@ -3,7 +3,8 @@
 //! function per endpoint, calling the same library functions as the CLI and the bot,
 //! and nothing here writes SQL. Every error, including a malformed request, is a JSON
 //! `{"error": "..."}` with a 4xx status (`errors`); a 5xx only means the server or
-//! database failed. `auth` checks the key, `json` reads bodies strictly.
+//! database failed. `auth` says who calls (the operator or an agent, with its scopes),
+//! `json` reads bodies strictly.
 
 mod auth;
 mod errors;
@@ -25,6 +26,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use auth::Need;
 pub use errors::ApiError;
 pub use json::{BODY_LIMIT, StrictJson};
 
@@ -67,8 +69,9 @@ impl AppState {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Access {
     Open,
-    /// `Authorization: Bearer $OPS_KEY`, checked before anything else.
-    Key,
+    /// A bearer key (`OPS_KEY`, or an agent key with this scope), checked before
+    /// anything else.
+    Key(Need),
 }
 
 /// Every route, once: the router, the key check, the 404's list of routes and the
@@ -78,13 +81,13 @@ fn routes() -> [Route; 9] {
     [
         Route::get("/healthz", Open, handlers::healthz),
         Route::get("/metrics", Open, handlers::metrics),
-        Route::post("/api/ops/heartbeat", Key, handlers::heartbeat),
-        Route::post("/api/events", Key, handlers::emit_event),
-        Route::post("/api/proposals", Key, handlers::propose),
-        Route::get("/api/missions/{id}", Key, handlers::mission),
-        Route::post("/api/questions", Key, handlers::ask),
-        Route::get("/api/questions/{id}", Key, handlers::question),
-        Route::post("/api/questions/{id}/answer", Key, handlers::answer),
+        Route::post("/api/ops/heartbeat", Key(Need::Operator), handlers::heartbeat),
+        Route::post("/api/events", Key(Need::Emit), handlers::emit_event),
+        Route::post("/api/proposals", Key(Need::Propose), handlers::propose),
+        Route::get("/api/missions/{id}", Key(Need::Read), handlers::mission),
+        Route::post("/api/questions", Key(Need::Answer), handlers::ask),
+        Route::get("/api/questions/{id}", Key(Need::ReadAnswer), handlers::question),
+        Route::post("/api/questions/{id}/answer", Key(Need::Answer), handlers::answer),
     ]
 }
 
@@ -175,11 +178,11 @@ pub fn router(state: AppState) -> Router {
     let mut router = Router::new();
     for route in routes {
         let mut endpoint = route.endpoint.fallback(errors::method_not_allowed);
-        if route.access == Access::Key {
-            // Around the 405 too: without the key a caller learns nothing about a route.
+        if let Access::Key(need) = route.access {
+            // Around the 405 too: without a key a caller learns nothing about a route.
             endpoint = endpoint.layer(middleware::from_fn_with_state(
-                state.clone(),
-                auth::require_key,
+                (state.clone(), need),
+                auth::require,
             ));
         }
         router = router.route(route.path, endpoint);
