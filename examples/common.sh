@@ -46,6 +46,19 @@ sink() {
     background python3 "$root/examples/sink.py" "$1" "$here/out/posts.jsonl"
 }
 
+# ops_key: OPS_KEY (the operator's key for /api/*; the API is off without it), made
+# once and kept in .ops_key here (mode 0600) unless it is set.
+ops_key() {
+    if [ -z "${OPS_KEY:-}" ]; then
+        if [ ! -s .ops_key ]; then
+            (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > .ops_key)
+        fi
+        OPS_KEY=$(cat .ops_key)
+        echo "opsloop: OPS_KEY is in $here/.ops_key" >&2
+    fi
+    export OPS_KEY
+}
+
 # run_opsloop: the daemon on this example's policy, until it stops or is stopped.
 run_opsloop() {
     echo "opsloop: $OPSLOOP run --policy $here/policy.toml (HTTP on $OPSLOOP_HTTP_ADDR)" >&2

@@ -16,8 +16,6 @@ use support::fake_telegram::{Chat, FakeTelegram, Sent, User};
 use support::{TestDb, opsloop, stderr, stdout, test_db};
 
 const ADMIN: i64 = 1501;
-const ADA: i64 = 1502; // approver
-const BEN: i64 = 1503; // approver
 
 /// A copy of `examples/` for one test, and its `run.sh` running.
 struct Example {
@@ -224,14 +222,7 @@ async fn fire_triggers_at(db: &TestDb, name: &str, later: chrono::Duration) -> u
 }
 
 fn user(id: i64) -> User {
-    User::new(
-        id,
-        match id {
-            ADMIN => "Root",
-            ADA => "Ada",
-            _ => "Ben",
-        },
-    )
+    User::new(id, if id == ADMIN { "Root" } else { "Someone" })
 }
 
 async fn started(fake: &FakeTelegram, ids: &[i64]) {
@@ -753,11 +744,8 @@ async fn mission_control_tiers_dual_control_and_workers() {
 async fn agentvine_levels_keys_and_a_clarification_mid_step() {
     let db = test_db().await;
     let ex = Example::start("agentvine", &db, "127.0.0.1:18750", &[]).await;
-    // Agent keys and per-agent gates are being built (design §11); until this build
-    // has `opsloop keys`, the agents share OPS_KEY and the key checks wait.
-    let has_keys = ex.cli(&["keys", "--help"]).status.success();
     let keys = ex.dir.join(".keys");
-    for _ in 0..if has_keys { 600 } else { 0 } {
+    for _ in 0..600 {
         if ["triager", "coder", "releaser"]
             .iter()
             .all(|k| keys.join(k).is_file())
@@ -765,6 +753,10 @@ async fn agentvine_levels_keys_and_a_clarification_mid_step() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for k in ["triager", "coder", "releaser"] {
+        let key = std::fs::read_to_string(keys.join(k)).expect("run.sh made the agent's key");
+        assert!(key.starts_with("olk_"), "{k}");
     }
     let propose = |agent: &str, args: &[&str]| {
         let out = Command::new(ex.dir.join("agents/propose.py"))
@@ -788,14 +780,12 @@ async fn agentvine_levels_keys_and_a_clarification_mid_step() {
     assert_eq!(output(&m, "label")["label"], "bug");
 
     // Out of scope: nothing stored.
-    if has_keys {
-        let before = ex.missions().len();
-        let (code, p, _) = propose("triager", &["release", "version=v1.0.0"]);
-        assert_eq!(code, Some(3), "{p}");
-        let (code, p, _) = propose("coder", &["triage", "issue=43"]);
-        assert_eq!(code, Some(3), "{p}");
-        assert_eq!(ex.missions().len(), before);
-    }
+    let before = ex.missions().len();
+    let (code, p, _) = propose("triager", &["release", "version=v1.0.0"]);
+    assert_eq!(code, Some(3), "{p}");
+    let (code, p, _) = propose("coder", &["triage", "issue=43"]);
+    assert_eq!(code, Some(3), "{p}");
+    assert_eq!(ex.missions().len(), before);
 
     // Supervised, with a question in the middle.
     let (code, p, _) = propose("coder", &["fix", "issue=42"]);
@@ -840,16 +830,14 @@ async fn agentvine_levels_keys_and_a_clarification_mid_step() {
     assert_eq!(ex.events("fix.ready").len(), 1);
 
     // The coder's rate limit: two pending at once, the third refused.
-    if has_keys {
-        for issue in ["issue=50", "issue=51"] {
-            let (code, p, _) = propose("coder", &["fix", issue]);
-            assert_eq!(code, Some(0), "{p}");
-            assert_eq!(p["status"], "pending", "{p}");
-        }
-        let (code, p, _) = propose("coder", &["fix", "issue=52"]);
-        assert_eq!(code, Some(3), "{p}");
-        assert!(p.to_string().contains("max_pending"), "{p}");
+    for issue in ["issue=50", "issue=51"] {
+        let (code, p, _) = propose("coder", &["fix", issue]);
+        assert_eq!(code, Some(0), "{p}");
+        assert_eq!(p["status"], "pending", "{p}");
     }
+    let (code, p, _) = propose("coder", &["fix", "issue=52"]);
+    assert_eq!(code, Some(3), "{p}");
+    assert!(p.to_string().contains("max_pending"), "{p}");
 
     // Human-required.
     let (code, p, _) = propose("releaser", &["release", "version=v1.0.0"]);
@@ -866,12 +854,10 @@ async fn agentvine_levels_keys_and_a_clarification_mid_step() {
         log.lines().collect::<Vec<_>>(),
         ["triaged 42 small", "fixed 42 break", "released v1.0.0"]
     );
-    if has_keys {
-        let listed = ex.json(&["keys", "list", "--json"]);
-        assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");
-        assert!(
-            !listed.to_string().contains("olk_"),
-            "no key is ever listed"
-        );
-    }
+    let listed = ex.json(&["keys", "list", "--json"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");
+    assert!(
+        !listed.to_string().contains("olk_"),
+        "no key is ever listed"
+    );
 }

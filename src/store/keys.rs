@@ -24,8 +24,7 @@ pub struct KeyRow {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-const COLUMNS: &str =
-    "id, name, digest, propose, emit, answer, read, created_by, created_at, last_used_at, revoked_at";
+const COLUMNS: &str = "id, name, digest, propose, emit, answer, read, created_by, created_at, last_used_at, revoked_at";
 
 /// A new live key; `None` when a live key already has this name.
 pub async fn insert(

@@ -3,10 +3,9 @@
 
     agents/propose.py AGENT TEMPLATE key=value ...
 
-The key is read from .keys/AGENT (run.sh makes them); on a build without agent keys,
-the shared OPS_KEY in .ops_key is used, naming the agent as `agent:AGENT`. Prints
-opsloop's JSON answer; exits 0 when the proposal was accepted (201), 3 when refused
-(403, 409), else 1."""
+The key is read from .keys/AGENT (run.sh makes them); opsloop records the proposal as
+`agent:AGENT`. Prints opsloop's JSON answer; exits 0 when the proposal was accepted
+(201), 3 when refused (403 out of the key's scope, 409 gated), else 1."""
 import json
 import os
 import sys
@@ -18,13 +17,11 @@ if len(sys.argv) < 3:
 agent, template, pairs = sys.argv[1], sys.argv[2], sys.argv[3:]
 params = dict(p.split("=", 1) for p in pairs if "=" in p)
 proposal = {"template": template, "params": params}
-if os.path.exists(os.path.join(".keys", agent)):
+try:
     with open(os.path.join(".keys", agent), encoding="utf-8") as f:
         key = f.read().strip()
-else:
-    with open(".ops_key", encoding="utf-8") as f:
-        key = f.read().strip()
-    proposal["proposed_by"] = f"agent:{agent}"
+except OSError as e:
+    sys.exit(f"no key for {agent} in .keys/ ({e.strerror}); run.sh makes them")
 addr = os.environ.get("OPSLOOP_HTTP_ADDR", "127.0.0.1:18750")
 body = json.dumps(proposal).encode()
 req = urllib.request.Request(

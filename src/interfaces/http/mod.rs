@@ -81,13 +81,25 @@ fn routes() -> [Route; 9] {
     [
         Route::get("/healthz", Open, handlers::healthz),
         Route::get("/metrics", Open, handlers::metrics),
-        Route::post("/api/ops/heartbeat", Key(Need::Operator), handlers::heartbeat),
+        Route::post(
+            "/api/ops/heartbeat",
+            Key(Need::Operator),
+            handlers::heartbeat,
+        ),
         Route::post("/api/events", Key(Need::Emit), handlers::emit_event),
         Route::post("/api/proposals", Key(Need::Propose), handlers::propose),
         Route::get("/api/missions/{id}", Key(Need::Read), handlers::mission),
         Route::post("/api/questions", Key(Need::Answer), handlers::ask),
-        Route::get("/api/questions/{id}", Key(Need::ReadAnswer), handlers::question),
-        Route::post("/api/questions/{id}/answer", Key(Need::Answer), handlers::answer),
+        Route::get(
+            "/api/questions/{id}",
+            Key(Need::ReadAnswer),
+            handlers::question,
+        ),
+        Route::post(
+            "/api/questions/{id}/answer",
+            Key(Need::Answer),
+            handlers::answer,
+        ),
     ]
 }
 
