@@ -756,6 +756,25 @@ async fn mission_control_tiers_dual_control_and_workers() {
         serde_json::json!([]),
         "{status}"
     );
+
+    // The budget counted what every mission cost: 0.01 + 0.16 + 0.30.
+    let budgets = ex.json(&["budgets", "--json"]);
+    let ops = budgets
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["name"] == "operations"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(ops["status"], "ok", "{budgets}");
+    let number = |v: &Value| {
+        v.as_f64()
+            .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+            .unwrap_or(-1.0)
+    };
+    assert!((number(&ops["spent"]) - 0.47).abs() < 1e-9, "{budgets}");
+    let m = ex
+        .wait_mission("failover", |m| m["status"] == "succeeded")
+        .await;
+    assert!((number(&m["cost"]) - 0.30).abs() < 1e-9, "{m}");
 }
 
 /// AgentVine: each agent proposes over HTTP with its own key, only its own templates;
