@@ -93,7 +93,7 @@ pub(super) async fn emit_event(
         Some(agent) if agent.scopes.may_emit(&body.kind) => agent.name.principal(),
         Some(agent) => {
             return Err(forbidden(format!(
-                "key {} may not emit {:?} (it may emit {})",
+                "key {} may not emit {:?} (its scopes: {})",
                 agent.name.as_str(),
                 body.kind,
                 agent.scopes.describe()
@@ -132,7 +132,7 @@ pub(super) async fn propose(
         && !agent.scopes.may_propose(&body.template)
     {
         return Err(forbidden(format!(
-            "key {} may not propose {:?} (it may {})",
+            "key {} may not propose {:?} (its scopes: {})",
             agent.name.as_str(),
             body.template,
             agent.scopes.describe()
