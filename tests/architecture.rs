@@ -22,6 +22,7 @@ const OWNERS: &[(&str, &str)] = &[
     ("ops_trigger_state", "src/store/triggers.rs"),
     ("ops_notifications", "src/store/outbox.rs"),
     ("ops_questions", "src/store/questions.rs"),
+    ("ops_budget_periods", "src/store/budgets.rs"),
     ("ops_api_keys", "src/store/keys.rs"),
 ];
 

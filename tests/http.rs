@@ -487,7 +487,7 @@ async fn bad_requests_get_json_4xx() {
             Some("application/json"),
             br#"{"template":"hello","params":{}}"#.to_vec(),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "missing field `proposed_by`",
+            "proposed_by is required",
         ),
         (
             "blank proposed_by",

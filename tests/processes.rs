@@ -251,7 +251,7 @@ async fn a_killed_worker_s_step_is_recovered_and_its_late_result_refused() {
             result: serde_json::json!({}),
             retry_in: Duration::ZERO,
         },
-        0,
+        &opsloop::domain::policy::Policy::default(),
     )
     .await
     .expect("finish");

@@ -552,7 +552,7 @@ async fn report(db: &TestDb, step: &steps::Claimed, ending: Ending) -> bool {
         attempt: step.attempts,
     };
     let mut tx = db.pool.begin().await.expect("begin");
-    let stored = progress::finish(&mut tx, &lease, &ending, 2)
+    let stored = progress::finish(&mut tx, &lease, &ending, &support::policy())
         .await
         .expect("finish");
     tx.commit().await.expect("commit");
@@ -748,7 +748,7 @@ async fn an_ending_racing_a_cancel_sees_it() {
     let pool = db.pool.clone();
     let stored = racing_a_cancel(&db, mission, async move {
         let mut tx = pool.begin().await.expect("begin");
-        let stored = progress::finish(&mut tx, &lease, &failure(), 2)
+        let stored = progress::finish(&mut tx, &lease, &failure(), &support::policy())
             .await
             .expect("finish");
         tx.commit().await.expect("commit");

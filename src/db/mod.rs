@@ -30,6 +30,9 @@ pub mod channels {
     pub const OUTBOX: &str = "ops_outbox";
     /// A question was answered, expired or cancelled (payload: its id, or empty for several).
     pub const QUESTIONS: &str = "ops_questions";
+    /// An agent key was created or revoked (payload unused): HTTP servers reload their
+    /// filter of live keys.
+    pub const KEYS: &str = "ops_keys";
 }
 
 /// NOTIFY `channel` in the caller's transaction: listeners hear it on commit.

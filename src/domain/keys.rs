@@ -28,9 +28,8 @@ impl KeyName {
     pub fn parse(raw: &str) -> OpsResult<KeyName> {
         let mut chars = raw.chars();
         let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase());
-        let rest_ok = chars.all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-')
-        });
+        let rest_ok =
+            chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'));
         if first_ok && rest_ok && raw.len() <= 32 {
             Ok(KeyName(raw.to_string()))
         } else {
@@ -66,7 +65,12 @@ pub struct Scopes {
 
 impl Scopes {
     /// From the command line's or the table's pattern lists; every bad one is named.
-    pub fn parse(propose: &[String], emit: &[String], answer: bool, read: bool) -> OpsResult<Scopes> {
+    pub fn parse(
+        propose: &[String],
+        emit: &[String],
+        answer: bool,
+        read: bool,
+    ) -> OpsResult<Scopes> {
         let mut problems = Vec::new();
         let mut patterns = |raw: &[String], flag: &str| -> Vec<EventPattern> {
             raw.iter()
@@ -100,7 +104,8 @@ impl Scopes {
 
     /// "propose draft*, emit writer.*, answer, read" (or "nothing").
     pub fn describe(&self) -> String {
-        let list = |ps: &[EventPattern]| ps.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(" ");
+        let list =
+            |ps: &[EventPattern]| ps.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(" ");
         let mut parts = Vec::new();
         if !self.propose.is_empty() {
             parts.push(format!("propose {}", list(&self.propose)));
@@ -156,7 +161,9 @@ pub fn digest(key: &str) -> String {
 pub fn looks_like_key(text: &str) -> bool {
     text.len() == PREFIX.len() + RANDOM_CHARS
         && text.starts_with(PREFIX)
-        && text[PREFIX.len()..].bytes().all(|b| b.is_ascii_alphanumeric())
+        && text[PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric())
 }
 
 #[cfg(test)]
@@ -165,15 +172,31 @@ mod tests {
 
     #[test]
     fn names_follow_the_contract() {
-        for ok in ["writer", "a", "scout-2", "x_y", "abcdefghijklmnopqrstuvwxyz012345"] {
+        for ok in [
+            "writer",
+            "a",
+            "scout-2",
+            "x_y",
+            "abcdefghijklmnopqrstuvwxyz012345",
+        ] {
             assert!(KeyName::parse(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "", "Writer", "2x", "-a", "a b", "a.b", "é", "abcdefghijklmnopqrstuvwxyz0123456",
+            "",
+            "Writer",
+            "2x",
+            "-a",
+            "a b",
+            "a.b",
+            "é",
+            "abcdefghijklmnopqrstuvwxyz0123456",
         ] {
             assert!(KeyName::parse(bad).is_err(), "{bad}");
         }
-        assert_eq!(KeyName::parse("writer").unwrap().principal(), "agent:writer");
+        assert_eq!(
+            KeyName::parse("writer").unwrap().principal(),
+            "agent:writer"
+        );
     }
 
     #[test]
@@ -195,9 +218,14 @@ mod tests {
         assert!(!s.may_propose("publish"));
         assert!(s.may_emit("writer.done") && !s.may_emit("scout.done"));
         assert_eq!(s.describe(), "propose draft*, emit writer.*, answer");
-        let err = Scopes::parse(&["Bad Pattern".into()], &["ok".into(), "".into()], false, false)
-            .unwrap_err()
-            .to_string();
+        let err = Scopes::parse(
+            &["Bad Pattern".into()],
+            &["ok".into(), "".into()],
+            false,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("--propose") && err.contains("--emit"), "{err}");
         assert_eq!(Scopes::default().describe(), "nothing");
     }

@@ -19,8 +19,16 @@ pub const REF_PREFIX: &str = "steps.";
 pub type Outputs = BTreeMap<String, Map<String, Value>>;
 
 /// Read an output file's content: one JSON object, or `key=value` lines (a later line
-/// for a key wins; blank lines are ignored). Empty is `{}`. The error says why not.
+/// for a key wins; blank lines are ignored). Empty is `{}`. The error says why not; a
+/// `cost` that is not a non-negative decimal is such an error too (design §11), so a
+/// bad cost fails the attempt and is never counted.
 pub fn parse_output(bytes: &[u8]) -> Result<Map<String, Value>, String> {
+    let map = parse_map(bytes)?;
+    super::budgets::cost_of(&map)?;
+    Ok(map)
+}
+
+fn parse_map(bytes: &[u8]) -> Result<Map<String, Value>, String> {
     if bytes.len() > MAX_OUTPUT {
         return Err(format!(
             "the output file holds {} bytes; at most {MAX_OUTPUT} are allowed",

@@ -13,8 +13,8 @@ use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::input;
 use crate::domain::policy::Policy;
 use crate::domain::vocab::{EventKind, Source};
-use crate::engine::gates;
 use crate::engine::proposals::{self, ProposalStatus};
+use crate::engine::{budgets, gates};
 use crate::store::events::{self, NewEvent};
 use crate::store::{approvals as approvals_store, outbox, proposals as proposals_store};
 
@@ -165,7 +165,11 @@ pub async fn decide(
             decided.status = ProposalStatus::Rejected;
         }
         Decision::Approve if approvals >= i64::from(p.approvals_needed) => {
-            if let Some(refusal) = gates::check_mission(&mut tx, policy, &p.template).await? {
+            let refusal = match gates::check_mission(&mut tx, policy, &p.template).await? {
+                None => budgets::gate(&mut tx, policy, &p.template, &p.proposed_by).await?,
+                refused => refused,
+            };
+            if let Some(refusal) = refusal {
                 // Dropping the transaction leaves the proposal and its approvals as
                 // they were.
                 return Err(OpsError::refused(format!(

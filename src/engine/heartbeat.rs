@@ -1,6 +1,6 @@
 //! The heartbeat tick (design §5): due triggers → unprocessed events through the
 //! reactions → expired leases recovered → pending proposals expired → questions past
-//! their timeout settled → reminders due → missions finalized → one `ops_action_runs` row. One tick at a time across all hosts: a
+//! their timeout settled → reminders due → budgets checked → missions finalized → one `ops_action_runs` row. One tick at a time across all hosts: a
 //! session advisory lock taken for the tick on a connection of its own
 //! (`db::singleton`), released when the tick ends or the holder dies. The tick checks
 //! it still holds the lock before each phase, and stops at the first phase it does not;
@@ -19,6 +19,7 @@ use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::policy::Policy;
 use crate::domain::vocab::{EventKind, MissionStatus, Source, StepStatus};
 use crate::engine::approvals;
+use crate::engine::budgets;
 use crate::engine::gates;
 use crate::engine::missions::progress;
 use crate::engine::questions;
@@ -42,6 +43,8 @@ pub struct TickSummary {
     pub questions_settled: u64,
     /// Reminder messages queued (`[approval] remind`).
     pub reminders: u64,
+    /// `budget.warning` and `budget.exhausted` events written ("budgets checked").
+    pub budget_events: u64,
     pub missions_finalized: u64,
     pub deleted: retention::Deleted,
     pub duration_ms: u64,
@@ -120,6 +123,8 @@ async fn phases(pool: &PgPool, policy: &Policy, held: &Held) -> OpsResult<TickSu
         still_holding(held, "reminders").await?;
         s.reminders = remind(pool, after).await?;
     }
+    still_holding(held, "budgets").await?;
+    s.budget_events = budgets::check(pool, policy).await?;
     still_holding(held, "finalization").await?;
     s.missions_finalized = finalize_missions(pool).await?;
     still_holding(held, "retention").await?;

@@ -1,13 +1,22 @@
 //! Agent keys (design §11): create (the text printed once, its digest kept), revoke,
 //! list, and [`authenticate`], which turns a bearer token into the agent it belongs to.
-//! Every request looks the key up again, so a revocation holds on the next request on
-//! every host.
+//! Every request with a live key looks it up again, so a revocation holds on the next
+//! request on every host; a [`KeyFilter`] of live digests answers wrong keys without
+//! touching the database, so a flood of them costs little.
+
+use std::collections::HashSet;
+use std::num::NonZeroU32;
+use std::sync::{Arc, RwLock};
+use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
 use serde_json::json;
 use sqlx::PgPool;
 use subtle::ConstantTimeEq;
+
+use crate::db::{self, channels};
 
 use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::keys::{self, KeyName, Scopes};
@@ -56,6 +65,7 @@ pub async fn create(pool: &PgPool, name: &KeyName, scopes: &Scopes, by: &str) ->
         })),
     )
     .await?;
+    db::notify(&mut tx, channels::KEYS).await?;
     tx.commit().await?;
     Ok(key)
 }
@@ -76,6 +86,7 @@ pub async fn revoke(pool: &PgPool, name: &str, by: &str) -> OpsResult<()> {
             .payload(json!({ "name": name.as_str(), "by": by })),
     )
     .await?;
+    db::notify(&mut tx, channels::KEYS).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -96,13 +107,92 @@ pub async fn list(pool: &PgPool) -> OpsResult<Vec<KeyView>> {
         .collect()
 }
 
+/// The digests of the live keys, kept in memory and reloaded whenever a key is created
+/// or revoked on any host (`channels::KEYS`), and every half minute anyway. It only
+/// ever says "surely not a live key": a digest it holds is still looked up, so a
+/// revocation holds before the reload. A digest it lacks may be a key created a moment
+/// ago on another host, so it is looked up too, but at most [`MISS_LOOKUPS`] a second:
+/// past that, a flood of wrong keys is answered from memory.
+pub struct KeyFilter {
+    live: RwLock<Option<HashSet<String>>>,
+    misses: DefaultDirectRateLimiter,
+}
+
+/// Lookups per second of digests the filter lacks.
+const MISS_LOOKUPS: u32 = 50;
+const RELOAD: StdDuration = StdDuration::from_secs(30);
+
+impl KeyFilter {
+    /// Load and keep reloading on `pool` until the process ends.
+    pub fn start(pool: &PgPool) -> Arc<KeyFilter> {
+        let per_second = NonZeroU32::new(MISS_LOOKUPS).unwrap_or(NonZeroU32::MIN);
+        let filter = Arc::new(KeyFilter {
+            live: RwLock::new(None),
+            misses: RateLimiter::direct(Quota::per_second(per_second)),
+        });
+        let (pool, keep) = (pool.clone(), filter.clone());
+        tokio::spawn(async move {
+            loop {
+                let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await.ok();
+                if let Some(l) = listener.as_mut()
+                    && l.listen(channels::KEYS).await.is_err()
+                {
+                    listener = None;
+                }
+                // Listening first, so a key created while loading is heard.
+                keep.reload(&pool).await;
+                let Some(mut listener) = listener else {
+                    keep.forget();
+                    tokio::time::sleep(StdDuration::from_secs(1)).await;
+                    continue;
+                };
+                // A notification or half a minute of quiet: reload. Anything else means
+                // the connection went, and without news the filter cannot be trusted.
+                while let Ok(Ok(Some(_))) | Err(_) =
+                    tokio::time::timeout(RELOAD, listener.try_recv()).await
+                {
+                    keep.reload(&pool).await;
+                }
+                keep.forget();
+            }
+        });
+        filter
+    }
+
+    async fn reload(&self, pool: &PgPool) {
+        let loaded = store::live_digests(pool).await;
+        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+        *live = loaded.ok().map(|d| d.into_iter().collect());
+    }
+
+    fn forget(&self) {
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Whether `digest` must be looked up in the table.
+    fn worth_a_lookup(&self, digest: &str) -> bool {
+        let known = match &*self.live.read().unwrap_or_else(|p| p.into_inner()) {
+            None => return true,
+            Some(live) => live.contains(digest),
+        };
+        known || self.misses.check().is_ok()
+    }
+}
+
 /// The live agent whose key `text` is, or `None` (unknown, revoked, or not shaped like
 /// a key). Records the use at most once a minute.
-pub async fn authenticate(pool: &PgPool, text: &str) -> OpsResult<Option<Agent>> {
+pub async fn authenticate(
+    pool: &PgPool,
+    filter: &KeyFilter,
+    text: &str,
+) -> OpsResult<Option<Agent>> {
     if !keys::looks_like_key(text) {
         return Ok(None);
     }
     let digest = keys::digest(text);
+    if !filter.worth_a_lookup(&digest) {
+        return Ok(None);
+    }
     let Some(row) = store::find_live(pool, &digest).await? else {
         return Ok(None);
     };

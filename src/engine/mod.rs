@@ -2,6 +2,7 @@
 //! executors, the heartbeat with reactions and triggers, and the outbox to Telegram.
 
 pub mod approvals;
+pub mod budgets;
 pub mod executors;
 pub mod gates;
 pub mod heartbeat;

@@ -14,8 +14,8 @@ use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::input;
 use crate::domain::policy::{MAX_PRIORITY, MIN_PRIORITY, Policy, Risk, Template};
 use crate::domain::vocab::EventKind;
-use crate::engine::gates;
 use crate::engine::missions::{self, PlannedStep};
+use crate::engine::{budgets, gates};
 use crate::store::events::{self, NewEvent};
 use crate::store::proposals::{self as store, NewRow};
 
@@ -137,6 +137,10 @@ pub async fn propose_in(
         &request.proposed_by,
     )
     .await?;
+    let refusal = match refusal {
+        None => budgets::gate(conn, policy, template.name.as_str(), &request.proposed_by).await?,
+        refused => refused,
+    };
     let rule = policy.approval.rule(template.risk);
     let plan = plan(policy, template, &params);
     let ttl = db::interval(policy.approval.ttl);

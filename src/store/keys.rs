@@ -24,8 +24,7 @@ pub struct KeyRow {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-const COLUMNS: &str =
-    "id, name, digest, propose, emit, answer, read, created_by, created_at, last_used_at, revoked_at";
+const COLUMNS: &str = "id, name, digest, propose, emit, answer, read, created_by, created_at, last_used_at, revoked_at";
 
 /// A new live key; `None` when a live key already has this name.
 pub async fn insert(
@@ -87,6 +86,15 @@ pub async fn revoke(conn: &mut PgConnection, name: &str, by: &str) -> OpsResult<
     .bind(by)
     .fetch_optional(conn)
     .await?)
+}
+
+/// The digests of every live key (for the HTTP servers' filter).
+pub async fn live_digests(db: impl PgExecutor<'_>) -> OpsResult<Vec<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT digest FROM ops_api_keys WHERE revoked_at IS NULL")
+            .fetch_all(db)
+            .await?,
+    )
 }
 
 /// Every key, live ones first, then by name and age.

@@ -8,6 +8,7 @@
 //! ```
 //!
 //! The kill switch takes every running mission `lock_running` and cancels each.
+//! A step's reported cost is added to its mission's `cost` by `add_cost` (any status).
 //!
 //! An ending that depends on its mission still running takes it `FOR KEY SHARE`
 //! (`lock_stopped`), so it and a cancel are ordered: one sees the other.
@@ -60,17 +61,51 @@ pub struct Retryable {
     pub template: String,
     pub proposal_id: i64,
     pub risk: String,
+    /// For the budget gate: whose proposal it was (`agent:NAME` for an agent's).
+    pub proposed_by: String,
 }
 
 /// A mission's template, proposal and risk (for a retry's checks).
 pub async fn retryable(conn: &mut PgConnection, mission_id: i64) -> OpsResult<Retryable> {
     Ok(sqlx::query_as(
-        "SELECT m.template, m.proposal_id, p.risk
+        "SELECT m.template, m.proposal_id, p.risk, p.proposed_by
          FROM ops_missions m JOIN ops_mission_proposals p ON p.id = m.proposal_id
          WHERE m.id = $1",
     )
     .bind(mission_id)
     .fetch_one(conn)
+    .await?)
+}
+
+/// A mission that was charged: which budgets it falls in depends on these.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Charged {
+    pub id: i64,
+    pub template: String,
+    pub proposed_by: String,
+    /// What this statement added (the sum of the given costs of this mission).
+    pub added: String,
+}
+
+/// Add steps' reported costs (decimal text, one per mission id; a mission may repeat)
+/// to their missions' `cost`, in one statement, missions in id order.
+pub async fn add_cost(
+    conn: &mut PgConnection,
+    mission_ids: &[i64],
+    costs: &[&str],
+) -> OpsResult<Vec<Charged>> {
+    Ok(sqlx::query_as(
+        "WITH c AS (
+            SELECT id, sum(cost::numeric) AS added FROM unnest($1::bigint[], $2::text[]) AS t(id, cost)
+            GROUP BY id ORDER BY id)
+         UPDATE ops_missions m SET cost = m.cost + c.added
+         FROM c, ops_mission_proposals p
+         WHERE m.id = c.id AND p.id = m.proposal_id
+         RETURNING m.id, m.template, p.proposed_by, trim_scale(c.added)::text AS added",
+    )
+    .bind(mission_ids)
+    .bind(costs)
+    .fetch_all(conn)
     .await?)
 }
 

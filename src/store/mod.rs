@@ -6,6 +6,7 @@
 //! inserts.
 
 pub mod approvals;
+pub mod budgets;
 pub mod dead_letters;
 pub mod events;
 pub mod keys;

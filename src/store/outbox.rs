@@ -1,6 +1,6 @@
 //! Owner of `ops_notifications`, the Telegram outbox. A row is queued pending: by the
 //! events trigger (migrations/0002_outbox.sql) in the event's own transaction, or here
-//! (`enqueue_replies`, `enqueue_prompt_refreshes`, `enqueue_failure_edits`, `enqueue_for_admins`,
+//! (`enqueue_replies`, `enqueue_prompt_refreshes`, `enqueue_failure_edits`, `enqueue_budget_edits`, `enqueue_for_admins`,
 //! `adopt_prompt`; a command's reply is reserved before the command runs,
 //! `reserve_reply`, and filled after, `fill_reply`). The sender takes each
 //! chat's oldest pending row (`heads`), marks it in flight before calling Telegram
@@ -170,6 +170,35 @@ pub async fn enqueue_failure_edits(
     )
     .bind(mission_id)
     .bind(failed_kind)
+    .bind(channels::OUTBOX)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Queue an edit of every sent message about a `kind` event (`budget.exhausted`) of
+/// budget `budget`'s period starting `starts` (a raise: they lose their button and say
+/// who raised it). Rendered when sent.
+pub async fn enqueue_budget_edits(
+    conn: &mut PgConnection,
+    kind: &str,
+    budget: &str,
+    starts: &str,
+) -> OpsResult<()> {
+    sqlx::query(
+        "WITH n AS (
+            INSERT INTO ops_notifications (chat_id, subject, action, event_id, message_id)
+            SELECT DISTINCT ON (n.chat_id, n.message_id) n.chat_id, n.subject, 'send', n.event_id, n.message_id
+            FROM ops_agent_events e
+            JOIN ops_notifications n ON n.subject = 'event:' || e.id AND n.event_id = e.id
+            WHERE e.kind = $1 AND e.payload->>'budget' = $2 AND e.payload->>'starts' = $3
+              AND n.action = 'send' AND n.status = 'sent' AND n.message_id IS NOT NULL
+            RETURNING id)
+         SELECT pg_notify($4, '') FROM n LIMIT 1",
+    )
+    .bind(kind)
+    .bind(budget)
+    .bind(starts)
     .bind(channels::OUTBOX)
     .execute(conn)
     .await?;

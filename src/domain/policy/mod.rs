@@ -8,6 +8,7 @@
 //! Long because it holds the policy's types, one per section, side by side: the parser
 //! (`read`, `sections`, `templates`, `rules`) is already split out.
 
+mod budgets;
 mod read;
 mod rules;
 mod sections;
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::steps::StepSpec;
 use crate::domain::vocab::EventKind;
 
+pub use budgets::{Budget, DEFAULT_WARN_AT};
 pub use rules::payload_contains;
 
 /// One problem in a policy file, located at the offending key or value.
@@ -106,6 +108,7 @@ const SECTIONS: &[&str] = &[
     "templates",
     "reactions",
     "triggers",
+    "budgets",
 ];
 
 fn build(ctx: &mut read::Ctx, root: &read::Val) -> Policy {
@@ -143,6 +146,9 @@ fn build(ctx: &mut read::Ctx, root: &read::Val) -> Policy {
     }
     if let Some(v) = f.get("triggers") {
         policy.triggers = rules::triggers(ctx, v, &parsed.known);
+    }
+    if let Some(v) = f.get("budgets") {
+        policy.budgets = budgets::budgets(ctx, v, &parsed.known);
     }
     policy.templates = parsed.templates;
     policy
@@ -187,6 +193,8 @@ pub struct Policy {
     pub templates: BTreeMap<TemplateName, Template>,
     pub reactions: Vec<Reaction>,
     pub triggers: Vec<Trigger>,
+    /// `[budgets.NAME]`, by name.
+    pub budgets: BTreeMap<String, Budget>,
 }
 
 impl Policy {

@@ -13,7 +13,7 @@ use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::input;
 use crate::domain::policy::{Policy, Risk};
 use crate::domain::vocab::{EventKind, MissionStatus, Source};
-use crate::engine::{gates, telemetry};
+use crate::engine::{budgets, gates, telemetry};
 use crate::store::events::{self, NewEvent};
 use crate::store::users::Role;
 use crate::store::{dead_letters, missions, outbox, policy as policy_store, steps};
@@ -91,7 +91,11 @@ pub async fn retry(
             )));
         }
     }
-    if let Some(refusal) = gates::check_retry(&mut tx, policy, &mission.template).await? {
+    let refusal = match gates::check_retry(&mut tx, policy, &mission.template).await? {
+        None => budgets::gate(&mut tx, policy, &mission.template, &mission.proposed_by).await?,
+        refused => refused,
+    };
+    if let Some(refusal) = refusal {
         return Err(OpsError::refused(format!(
             "mission #{mission_id} cannot be retried now: {}",
             refusal.reason

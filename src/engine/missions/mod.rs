@@ -129,6 +129,9 @@ pub struct MissionSummary {
     pub steps_done: i64,
     /// Its steps are claimed in this order (-100..=100, higher first).
     pub priority: i32,
+    /// What its steps reported they spent (an exact decimal in the database).
+    #[serde(serialize_with = "crate::engine::budgets::as_number")]
+    pub cost: String,
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -156,7 +159,7 @@ pub struct MissionView {
     pub steps: Vec<StepView>,
 }
 
-const SUMMARY: &str = "SELECT m.id, m.proposal_id, m.template, m.status, m.error, m.created_at, m.finished_at, m.priority,
+const SUMMARY: &str = "SELECT m.id, m.proposal_id, m.template, m.status, m.error, m.created_at, m.finished_at, m.priority, trim_scale(m.cost)::text AS cost,
             (SELECT count(*) FROM ops_mission_steps s WHERE s.mission_id = m.id) AS steps_total,
             (SELECT count(*) FROM ops_mission_steps s WHERE s.mission_id = m.id AND s.status IN ('succeeded', 'skipped')) AS steps_done
      FROM ops_missions m";

@@ -9,11 +9,13 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
+use crate::domain::budgets::{Amount, cost_of};
 use crate::domain::error::OpsResult;
+use crate::domain::policy::Policy;
 use crate::domain::vocab::{EventKind, MissionStatus, Source, StepStatus};
-use crate::engine::gates;
 use crate::engine::questions::{self, NewQuestion};
 use crate::engine::telemetry;
+use crate::engine::{budgets, gates};
 use crate::store::events::{self, NewEvent};
 use crate::store::steps::{EndingRow, Stored};
 use crate::store::{dead_letters, missions, steps};
@@ -59,14 +61,9 @@ pub async fn finish(
     conn: &mut PgConnection,
     lease: &Lease,
     ending: &Ending,
-    pause_after_failures: u32,
+    policy: &Policy,
 ) -> OpsResult<bool> {
-    let stored = finish_batch(
-        conn,
-        &[(lease.clone(), ending.clone())],
-        pause_after_failures,
-    )
-    .await?;
+    let stored = finish_batch(conn, &[(lease.clone(), ending.clone())], policy).await?;
     Ok(stored.first().copied().unwrap_or(false))
 }
 
@@ -77,8 +74,9 @@ pub async fn finish(
 pub async fn finish_batch(
     conn: &mut PgConnection,
     items: &[(Lease, Ending)],
-    pause_after_failures: u32,
+    policy: &Policy,
 ) -> OpsResult<Vec<bool>> {
+    let pause_after_failures = policy.gates.pause_after_failures;
     let stopped = stopped_missions(conn, items).await?;
     let empty = json!({});
     let rows: Vec<EndingRow> = items
@@ -179,6 +177,21 @@ pub async fn finish_batch(
         })
         .collect();
     let stored = steps::store_endings(conn, &rows).await?;
+    // What the stored successes report they spent, charged in this transaction.
+    let costs: Vec<(i64, Amount)> = stored
+        .iter()
+        .filter(|s| s.outcome == StepStatus::Succeeded)
+        .filter_map(
+            |s| match items.iter().find(|(lease, _)| lease.step_id == s.id) {
+                Some((_, Ending::Succeeded { output, .. })) => output
+                    .as_object()
+                    .and_then(|o| cost_of(o).ok().flatten())
+                    .map(|cost| (s.mission_id, cost)),
+                _ => None,
+            },
+        )
+        .collect();
+    budgets::charge(conn, policy, &costs).await?;
 
     let tally = |f: fn(&Stored) -> bool| stored.iter().filter(|s| f(s)).count() as u64;
     telemetry::step_outcome("succeeded", tally(|s| s.outcome == StepStatus::Succeeded));

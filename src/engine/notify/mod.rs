@@ -2,8 +2,9 @@
 //! `store::outbox`). Most rows are written by the events trigger
 //! (migrations/0002_outbox.sql) in the event's own transaction; this module adds the
 //! rest (command replies, prompt refreshes) and renders and sends them (`render`,
-//! `sender`).
+//! `budget_messages`, `sender`).
 
+mod budget_messages;
 pub mod pages;
 pub mod render;
 pub mod sender;

@@ -6,7 +6,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use teloxide::types::{InlineKeyboardButton, InlineKeyboardMarkup};
 
-use super::{cut, escape, pages};
+use super::{budget_messages, cut, escape, pages};
 use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::vocab::{EventKind, QuestionStatus};
 use crate::engine::proposals::{self, ProposalStatus};
@@ -383,6 +383,10 @@ pub async fn event(pool: &PgPool, event_id: i64) -> OpsResult<Rendered> {
             payload.get("failures").and_then(Value::as_i64).unwrap_or(0),
             escape(&s("template"))
         ),
+        Ok(
+            kind
+            @ (EventKind::BudgetWarning | EventKind::BudgetExhausted | EventKind::BudgetRaised),
+        ) => return budget_messages::render(pool, kind, &payload).await,
         Ok(EventKind::SystemPaused) => format!("⏸ opsloop paused by {}", escape(&s("by"))),
         Ok(EventKind::SystemResumed) => format!("▶️ opsloop resumed by {}", escape(&s("by"))),
         _ => format!(
@@ -467,7 +471,7 @@ fn took_text(d: std::time::Duration) -> String {
 }
 
 /// `tg:123` → `Ann (tg:123)` when we know the name; other actors as they are.
-async fn who(pool: &PgPool, actor: &str) -> String {
+pub(super) async fn who(pool: &PgPool, actor: &str) -> String {
     let Some(id) = actor
         .strip_prefix("tg:")
         .and_then(|s| s.parse::<i64>().ok())

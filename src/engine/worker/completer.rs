@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::domain::error::{OpsError, OpsResult};
+use crate::domain::policy::Policy;
 use crate::engine::missions::progress::{self, Ending, Lease};
 use crate::store::policy::PolicyCache;
 
@@ -63,9 +64,9 @@ pub(super) async fn complete(
                 _ = storing.join_next() => {}
             }
         }
-        let pause_after_failures = policy.get().await.gates.pause_after_failures;
+        let policy = policy.get().await;
         let pool = pool.clone();
-        storing.spawn(async move { store(&pool, &batch, pause_after_failures).await });
+        storing.spawn(async move { store(&pool, &batch, &policy).await });
     }
     // The worker has gone: what is being stored still lands.
     while storing.join_next().await.is_some() {}
@@ -73,7 +74,7 @@ pub(super) async fn complete(
 
 /// Store a batch, retrying on database trouble until it lands; refused endings (lost
 /// leases) are only logged.
-async fn store(pool: &PgPool, batch: &[(Lease, Ending)], pause_after_failures: u32) {
+async fn store(pool: &PgPool, batch: &[(Lease, Ending)], policy: &Policy) {
     let mut delay = Duration::from_millis(100);
     for _ in 0..20 {
         // On a connection of its own, bounded: one that does not answer is given up and
@@ -84,7 +85,7 @@ async fn store(pool: &PgPool, batch: &[(Lease, Ending)], pause_after_failures: u
             let mut conn = pool.acquire().await?;
             let stored = tokio::time::timeout(STALLED, async {
                 let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-                let stored = progress::finish_batch(&mut tx, batch, pause_after_failures).await?;
+                let stored = progress::finish_batch(&mut tx, batch, policy).await?;
                 tx.commit().await?;
                 Ok::<Vec<bool>, OpsError>(stored)
             })

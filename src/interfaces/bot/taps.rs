@@ -1,5 +1,5 @@
-//! Button taps: approval prompts (`a:ID`, `r:ID`) and failure messages' Retry
-//! (`retry:MISSION_ID`). Everything in the data is checked again on every tap (role,
+//! Button taps: approval prompts (`a:ID`, `r:ID`), failure messages' Retry
+//! (`retry:MISSION_ID`) and budget exhaustion messages' Raise (`bud:…`, admins only). Everything in the data is checked again on every tap (role,
 //! state, self-approval) and every tap is answered at once. The messages themselves are
 //! edited through the outbox.
 
@@ -9,9 +9,11 @@ use teloxide::prelude::*;
 
 use super::{BotState, HandlerResult};
 use super::{access, answers};
+use crate::domain::budgets;
 use crate::domain::error::OpsError;
 use crate::domain::vocab::Source;
 use crate::engine::approvals::{self, Decision};
+use crate::engine::budgets as engine_budgets;
 use crate::engine::missions::controls;
 use crate::engine::notify::{self, cut};
 
@@ -38,12 +40,35 @@ pub fn parse_retry(data: &str) -> Option<i64> {
     id.parse().ok().filter(|id| *id > 0 && data.len() <= 64)
 }
 
+/// `bud:20261202:0:writing` → (2026-12-02, 0, "writing"): the period and the count of
+/// raises the message showed, and the budget. Anything else is None.
+pub fn parse_raise(data: &str) -> Option<(chrono::NaiveDate, i32, &str)> {
+    if data.len() > 64 {
+        return None;
+    }
+    let mut parts = data.strip_prefix("bud:")?.splitn(3, ':');
+    let day = parts.next().filter(|d| d.len() == 8)?;
+    let starts = chrono::NaiveDate::parse_from_str(day, "%Y%m%d").ok()?;
+    let raises = parts.next()?;
+    let raises: i32 = raises
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| raises.parse().ok())
+        .flatten()?;
+    let name = parts.next().filter(|n| budgets::valid_name(n))?;
+    Some((starts, raises, name))
+}
+
 pub async fn on_tap(bot: Bot, q: CallbackQuery, state: Arc<BotState>) -> HandlerResult {
     let data = q.data.as_deref().unwrap_or("");
     let answer = if let Some((question, choice)) = answers::parse_data(data) {
         answer_question(&state, &q, question, choice).await
     } else if let Some(mission) = parse_retry(data) {
         retry(&state, &q, mission).await
+    } else if let Some((starts, raises, budget)) = parse_raise(data) {
+        raise(&state, &q, starts, raises, budget).await
+    } else if data.starts_with("bud:") {
+        "This button is not one of mine.".into()
     } else {
         adopt(&state, &q).await;
         decide(&state, &q).await
@@ -135,6 +160,37 @@ async fn retry(state: &BotState, q: &CallbackQuery, mission: i64) -> String {
     }
 }
 
+/// A **➕ Raise 50%** tap: admins only; raises the budget once however many tap.
+async fn raise(
+    state: &BotState,
+    q: &CallbackQuery,
+    starts: chrono::NaiveDate,
+    raises: i32,
+    budget: &str,
+) -> String {
+    let user = match tapper(state, q).await {
+        Ok(user) => user,
+        Err(refusal) => return refusal,
+    };
+    if user.role() != Some(Role::Admin) {
+        return format!(
+            "Not allowed: raising a budget needs the admin role; you are {}.",
+            user.role
+        );
+    }
+    let _ = state.policy.refresh(&state.pool).await;
+    let policy = state.policy.get().await;
+    let by = access::actor(&q.from);
+    match engine_budgets::raise_half(&state.pool, &policy, budget, starts, raises, &by).await {
+        Ok(raised) => format!("Raised: {}.", raised.describe()),
+        Err(OpsError::BadInput(m) | OpsError::Refused(m)) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "raise tap failed");
+            "Something went wrong; try again.".into()
+        }
+    }
+}
+
 async fn decide(state: &BotState, q: &CallbackQuery) -> String {
     let user = match tapper(state, q).await {
         Ok(user) => user,
@@ -203,6 +259,25 @@ mod tests {
             "retry:7:1",
         ] {
             assert_eq!(parse_retry(bad), None, "{bad}");
+        }
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 12, 2);
+        assert_eq!(
+            parse_raise("bud:20261202:3:writing"),
+            day.map(|d| (d, 3, "writing"))
+        );
+        for bad in [
+            "bud:",
+            "bud:20261302:0:writing",
+            "bud:2026122:0:writing",
+            "bud:20261202:-1:writing",
+            "bud:20261202:+1:writing",
+            "bud:20261202:0:",
+            "bud:20261202:0:Writing",
+            "bud:20261202:0:a:b",
+            "bud:20261202:99999999999:writing",
+            "retry:7",
+        ] {
+            assert_eq!(parse_raise(bad), None, "{bad}");
         }
     }
 }

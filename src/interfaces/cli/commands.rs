@@ -122,6 +122,16 @@ async fn with_db(db: &Database, settings: &Settings, command: Command) -> OpsRes
             actor,
             json,
         } => super::controls::kill(pool, reason, actor, json).await,
+        Command::Budgets { json } => super::budgets::list(pool, json).await,
+        Command::Budget {
+            command:
+                super::BudgetCommand::Raise {
+                    name,
+                    amount,
+                    actor,
+                    json,
+                },
+        } => super::budgets::raise(pool, &name, &amount, actor, json).await,
         Command::Status { json } => status(pool, json).await,
         Command::Missions {
             status,

@@ -56,7 +56,10 @@ fn print_list(list: &[KeyView]) {
         return;
     }
     let when = |at: Option<chrono::DateTime<chrono::Utc>>| {
-        at.map_or_else(|| "never".to_string(), |t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+        at.map_or_else(
+            || "never".to_string(),
+            |t| t.format("%Y-%m-%d %H:%M UTC").to_string(),
+        )
     };
     for key in list {
         let state = match key.revoked_at {

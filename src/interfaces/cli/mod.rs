@@ -2,6 +2,7 @@
 //! library function that the bot and HTTP call too.
 
 mod ask;
+mod budgets;
 mod commands;
 mod controls;
 mod keys;
@@ -129,6 +130,16 @@ pub enum Command {
         actor: Option<String>,
         #[arg(long)]
         json: bool,
+    },
+    /// Every budget: this period's spent, limit and status (ok, warning, exhausted).
+    Budgets {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a budget: `budget raise NAME AMOUNT`.
+    Budget {
+        #[command(subcommand)]
+        command: BudgetCommand,
     },
     /// Counts by status, pending approvals, running missions, dead letters, workers, paused?
     Status {
@@ -294,6 +305,19 @@ pub struct BenchPreload {
     /// Steps waiting behind a step that runs elsewhere (100 per mission).
     #[arg(long, default_value_t = 0)]
     pub waiting: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BudgetCommand {
+    /// Raise budget NAME's limit for this period by AMOUNT (a positive decimal).
+    Raise {
+        name: String,
+        amount: String,
+        #[arg(long = "as", value_name = "NAME")]
+        actor: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -149,7 +149,16 @@ async fn authorize(
     if state.ops_key.is(&given) {
         return Ok(Caller::Operator);
     }
-    let Some(agent) = keys::authenticate(&state.pool, &given).await? else {
+    let agent = {
+        let _turn = state.key_lookups.acquire().await.map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is shutting down",
+            )
+        })?;
+        keys::authenticate(&state.pool, state.key_filter(), &given).await?
+    };
+    let Some(agent) = agent else {
         tracing::warn!("http: an /api call with an unknown or revoked key was refused");
         return unauthorized("unknown or revoked key");
     };
@@ -172,7 +181,11 @@ fn bearer(headers: &HeaderMap) -> Result<&str, &'static str> {
         );
     }
     let token = token.trim();
-    if token.is_empty() { Err(MISSING) } else { Ok(token) }
+    if token.is_empty() {
+        Err(MISSING)
+    } else {
+        Ok(token)
+    }
 }
 
 /// A query string that carries something key-like: a parameter named like a key, or a
@@ -183,7 +196,14 @@ fn query_holds_a_key(query: &str) -> bool {
         let name = name.to_ascii_lowercase();
         matches!(
             name.as_str(),
-            "key" | "api_key" | "apikey" | "ops_key" | "token" | "access_token" | "auth" | "authorization"
+            "key"
+                | "api_key"
+                | "apikey"
+                | "ops_key"
+                | "token"
+                | "access_token"
+                | "auth"
+                | "authorization"
         ) || value.starts_with(crate::domain::keys::PREFIX)
     })
 }
@@ -240,15 +260,33 @@ mod tests {
             scopes,
         };
         let none = agent(Scopes::default());
-        for need in [Need::Operator, Need::Propose, Need::Emit, Need::Read, Need::Answer, Need::ReadAnswer] {
+        for need in [
+            Need::Operator,
+            Need::Propose,
+            Need::Emit,
+            Need::Read,
+            Need::Answer,
+            Need::ReadAnswer,
+        ] {
             assert!(need.refusal(&none).is_some(), "{need:?}");
         }
         let all = agent(Scopes::parse(&["*".into()], &["*".into()], true, true).unwrap());
-        for need in [Need::Propose, Need::Emit, Need::Read, Need::Answer, Need::ReadAnswer] {
+        for need in [
+            Need::Propose,
+            Need::Emit,
+            Need::Read,
+            Need::Answer,
+            Need::ReadAnswer,
+        ] {
             assert_eq!(need.refusal(&all), None, "{need:?}");
         }
         assert!(Need::Operator.refusal(&all).unwrap().contains("heartbeat"));
         let answer_only = agent(Scopes::parse(&[], &[], true, false).unwrap());
-        assert!(Need::ReadAnswer.refusal(&answer_only).unwrap().contains("--read"));
+        assert!(
+            Need::ReadAnswer
+                .refusal(&answer_only)
+                .unwrap()
+                .contains("--read")
+        );
     }
 }

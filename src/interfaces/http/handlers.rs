@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::{Extension, Json};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -93,7 +93,7 @@ pub(super) async fn emit_event(
         Some(agent) if agent.scopes.may_emit(&body.kind) => agent.name.principal(),
         Some(agent) => {
             return Err(forbidden(format!(
-                "key {} may not emit {:?} (it may emit {})",
+                "key {} may not emit {:?} (its scopes: {})",
                 agent.name.as_str(),
                 body.kind,
                 agent.scopes.describe()
@@ -132,7 +132,7 @@ pub(super) async fn propose(
         && !agent.scopes.may_propose(&body.template)
     {
         return Err(forbidden(format!(
-            "key {} may not propose {:?} (it may {})",
+            "key {} may not propose {:?} (its scopes: {})",
             agent.name.as_str(),
             body.template,
             agent.scopes.describe()

@@ -30,12 +30,16 @@ use auth::Need;
 pub use errors::ApiError;
 pub use json::{BODY_LIMIT, StrictJson};
 
+use crate::engine::keys::KeyFilter;
 use crate::engine::questions::Waiters;
 use crate::engine::telemetry;
 use crate::store::policy::PolicyCache;
 
 /// The `Server` header of every response; `opsloop doctor` recognises a running opsloop by it.
 pub const SERVER: &str = concat!("opsloop/", env!("CARGO_PKG_VERSION"));
+
+/// Agent-key lookups that may use the pool at once.
+const KEY_LOOKUPS: usize = 4;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -46,6 +50,11 @@ pub struct AppState {
     metrics: PrometheusHandle,
     /// Long polls of questions share one listener, started on first use.
     waiters: Arc<std::sync::OnceLock<Waiters>>,
+    /// Agent-key lookups at once: a flood of wrong keys queues here instead of taking
+    /// the pool's connections from everything else (`/healthz`, the worker).
+    key_lookups: Arc<tokio::sync::Semaphore>,
+    /// The live keys' digests, started on first use.
+    key_filter: Arc<std::sync::OnceLock<Arc<KeyFilter>>>,
 }
 
 impl AppState {
@@ -57,7 +66,13 @@ impl AppState {
             ops_key: auth::ApiKey::new(ops_key),
             metrics: telemetry::handle(),
             waiters: Arc::new(std::sync::OnceLock::new()),
+            key_lookups: Arc::new(tokio::sync::Semaphore::new(KEY_LOOKUPS)),
+            key_filter: Arc::new(std::sync::OnceLock::new()),
         }
+    }
+
+    fn key_filter(&self) -> &KeyFilter {
+        self.key_filter.get_or_init(|| KeyFilter::start(&self.pool))
     }
 
     fn waiters(&self) -> &Waiters {
@@ -81,13 +96,25 @@ fn routes() -> [Route; 9] {
     [
         Route::get("/healthz", Open, handlers::healthz),
         Route::get("/metrics", Open, handlers::metrics),
-        Route::post("/api/ops/heartbeat", Key(Need::Operator), handlers::heartbeat),
+        Route::post(
+            "/api/ops/heartbeat",
+            Key(Need::Operator),
+            handlers::heartbeat,
+        ),
         Route::post("/api/events", Key(Need::Emit), handlers::emit_event),
         Route::post("/api/proposals", Key(Need::Propose), handlers::propose),
         Route::get("/api/missions/{id}", Key(Need::Read), handlers::mission),
         Route::post("/api/questions", Key(Need::Answer), handlers::ask),
-        Route::get("/api/questions/{id}", Key(Need::ReadAnswer), handlers::question),
-        Route::post("/api/questions/{id}/answer", Key(Need::Answer), handlers::answer),
+        Route::get(
+            "/api/questions/{id}",
+            Key(Need::ReadAnswer),
+            handlers::question,
+        ),
+        Route::post(
+            "/api/questions/{id}/answer",
+            Key(Need::Answer),
+            handlers::answer,
+        ),
     ]
 }
 

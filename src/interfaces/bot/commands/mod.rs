@@ -67,6 +67,8 @@ pub enum Command {
     Resume(String),
     #[command(description = "[reason] — pause and cancel every running mission now (admin)")]
     Kill(String),
+    #[command(description = "budgets: spent, limit and status this period")]
+    Budgets,
     #[command(description = "ID ROLE — give someone a role (admin)")]
     Grant(String),
     #[command(description = "ID — remove someone (admin)")]
@@ -86,6 +88,7 @@ impl Command {
             | Command::Missions
             | Command::Mission(_)
             | Command::Templates
+            | Command::Budgets
             | Command::Subscribe
             | Command::Unsubscribe
             | Command::Whoami => Role::Viewer,
@@ -154,6 +157,7 @@ pub fn schema() -> UpdateHandler<anyhow::Error> {
         .branch(case![C::Pause].endpoint(answer(admin::pause)))
         .branch(case![C::Resume(args)].endpoint(answer_args(admin::resume)))
         .branch(case![C::Kill(args)].endpoint(answer_args(admin::kill)))
+        .branch(case![C::Budgets].endpoint(answer(viewer::budgets)))
         .branch(case![C::Grant(args)].endpoint(answer_args(admin::grant)))
         .branch(case![C::Revoke(args)].endpoint(answer_args(admin::revoke)))
         .branch(case![C::Users].endpoint(answer(admin::users)))

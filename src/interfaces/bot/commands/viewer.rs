@@ -8,6 +8,7 @@ use teloxide::utils::command::BotCommands;
 use super::{Caller, Command, first};
 use crate::domain::error::OpsResult;
 use crate::domain::input::parse_id;
+use crate::engine::budgets as engine_budgets;
 use crate::engine::notify::{escape, render};
 use crate::engine::{missions, proposals, questions, status as summary};
 use crate::interfaces::bot::BotState;
@@ -103,6 +104,37 @@ pub async fn status(state: Arc<BotState>, _: Caller) -> OpsResult<String> {
         s.pending_approvals.len(),
         s.open_questions
     ))
+}
+
+/// `/budgets`: every budget's spent, limit and status this period.
+pub async fn budgets(state: Arc<BotState>, _: Caller) -> OpsResult<String> {
+    let _ = state.policy.refresh(&state.pool).await;
+    let policy = state.policy.get().await;
+    let views = engine_budgets::list(&state.pool, &policy).await?;
+    if views.is_empty() {
+        return Ok(
+            "No budgets. An admin can add <code>[budgets.NAME]</code> to the policy.".into(),
+        );
+    }
+    let lines: Vec<String> = views
+        .iter()
+        .map(|v| {
+            let mark = match v.status {
+                "exhausted" => "🛑",
+                "warning" => "⚠️",
+                _ => "🟢",
+            };
+            format!(
+                "{mark} <b>{}</b> · {} of {} this {} · {}",
+                escape(&v.name),
+                escape(&v.spent),
+                escape(&v.limit),
+                escape(&v.period),
+                v.status
+            )
+        })
+        .collect();
+    Ok(format!("<b>budgets</b>\n{}", lines.join("\n")))
 }
 
 pub async fn missions(state: Arc<BotState>, _: Caller) -> OpsResult<String> {
