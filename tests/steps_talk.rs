@@ -14,8 +14,15 @@ const ADMIN: i64 = 1001;
 const BOB: i64 = 3001; // approver
 const VIC: i64 = 4001; // viewer
 
+/// Where the `agent` step writes its environment before it asks (one test uses it).
+fn agent_env_file() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("opsloop-agent-env-{}", std::process::id()))
+}
+
 fn policy() -> String {
     let bin = env!("CARGO_BIN_EXE_opsloop");
+    let env_file = agent_env_file();
+    let env_file = env_file.display();
     format!(
         r#"
 [heartbeat]
@@ -74,7 +81,7 @@ steps = [ {{ name = "q", kind = "ask", question = "Quick?", choices = ["yes", "n
 
 [templates.agent]
 risk = "low"
-steps = [ {{ name = "think", kind = "shell", timeout = "60s", run = ["sh", "-c", "a=$('{bin}' ask 'Deploy now?' --choice yes --choice no) && echo \"::progress 50 asked\" && echo got=$a > \"$OPSLOOP_OUTPUT\""] }} ]
+steps = [ {{ name = "think", kind = "shell", timeout = "60s", run = ["sh", "-c", "env > '{env_file}.tmp' && mv '{env_file}.tmp' '{env_file}' && a=$('{bin}' ask 'Deploy now?' --choice yes --choice no) && echo \"::progress 50 asked\" && echo got=$a > \"$OPSLOOP_OUTPUT\""] }} ]
 "#
     )
 }
@@ -515,21 +522,34 @@ async fn opsloop_ask_inside_a_step_waits_for_a_tap_and_prints_the_answer() {
     let step_id = q["step_id"].as_i64().expect("step");
     // The step keeps running (and its lease) while it waits.
     assert_eq!(w.mission(id)["steps"][0]["status"], "running");
-    let socket_dir = std::fs::read_dir(std::env::temp_dir())
-        .expect("tmp")
-        .flatten()
-        .map(|e| e.path().join("ask.sock"))
-        .find(|p| p.exists());
-    if let Some(socket) = socket_dir {
-        let forged = opsloop_cmd(Some(&w.db.url))
-            .args(["ask", "Forged?", "--choice", "x"])
-            .env("OPSLOOP_ASK_SOCKET", &socket)
-            .env("OPSLOOP_ASK_TOKEN", "0".repeat(64))
-            .env("OPSLOOP_STEP_ID", step_id.to_string())
-            .output()
-            .expect("run");
-        assert_eq!(forged.status.code(), Some(3), "{}", stderr(&forged));
+    // The step wrote its environment before asking: the daemon's secrets are not in it,
+    // and its ask socket is, to be tried with a forged token.
+    let env = std::fs::read_to_string(agent_env_file()).expect("the step's environment");
+    for secret in ["OPS_KEY", "DATABASE_URL", "TELEGRAM_BOT_TOKEN"] {
+        assert!(
+            !env.lines().any(|l| l.starts_with(&format!("{secret}="))),
+            "{secret} reached the step:\n{env}"
+        );
     }
+    assert!(
+        !env.contains("test-ops-key-123")
+            && !env.contains(&w.db.url)
+            && !env.contains(w.fake.token()),
+        "{env}"
+    );
+    let socket = env
+        .lines()
+        .find_map(|l| l.strip_prefix("OPSLOOP_ASK_SOCKET="))
+        .expect("the step is told where to ask");
+    assert!(std::path::Path::new(socket).exists(), "{socket}");
+    let forged = opsloop_cmd(Some(&w.db.url))
+        .args(["ask", "Forged?", "--choice", "x"])
+        .env("OPSLOOP_ASK_SOCKET", socket)
+        .env("OPSLOOP_ASK_TOKEN", "0".repeat(64))
+        .env("OPSLOOP_STEP_ID", step_id.to_string())
+        .output()
+        .expect("run");
+    assert_eq!(forged.status.code(), Some(3), "{}", stderr(&forged));
     let list = opsloop(&w.db.url, &["questions", "--json"]);
     let open: Value = serde_json::from_str(&stdout(&list)).expect("json");
     assert_eq!(open.as_array().map(Vec::len), Some(1), "{open}");
@@ -544,9 +564,7 @@ async fn opsloop_ask_inside_a_step_waits_for_a_tap_and_prints_the_answer() {
     let m = w.wait_status(id, "succeeded").await;
     assert_eq!(m["steps"][0]["output"]["got"], "yes", "{m}");
     assert_eq!(m["steps"][0]["progress"]["percent"], 50);
-    // The daemon's secrets never reach the step.
-    let env = opsloop(&w.db.url, &["events", "--json"]);
-    assert!(!stdout(&env).contains("test-ops-key-123"));
+    let _ = std::fs::remove_file(agent_env_file());
 }
 
 #[tokio::test]
