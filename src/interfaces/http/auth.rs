@@ -5,10 +5,15 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -46,6 +51,31 @@ impl ApiKey {
 
 fn digest(text: &str) -> [u8; 32] {
     Sha256::digest(text.as_bytes()).into()
+}
+
+/// Refused keys per client address per second before its refusals slow down.
+const REFUSALS_PER_SECOND: u32 = 1000;
+/// The longest a refusal is held back.
+const MAX_HOLD: Duration = Duration::from_secs(1);
+
+/// A tarpit for wrong keys: past [`REFUSALS_PER_SECOND`] from one address, each 401 is
+/// held back until the address is within its rate again (at most [`MAX_HOLD`]). A flood
+/// then paces itself instead of taking the server's cores from everyone else, and no
+/// one is locked out: a right key from the same address is never held.
+pub(super) struct Refusals(DefaultKeyedRateLimiter<IpAddr>);
+
+impl Refusals {
+    pub(super) fn new() -> Refusals {
+        let rate = NonZeroU32::new(REFUSALS_PER_SECOND).unwrap_or(NonZeroU32::MIN);
+        Refusals(RateLimiter::keyed(Quota::per_second(rate)))
+    }
+
+    async fn hold(&self, from: IpAddr) {
+        if self.0.len() > 10_000 {
+            self.0.retain_recent();
+        }
+        let _ = tokio::time::timeout(MAX_HOLD, self.0.until_key_ready(&from)).await;
+    }
 }
 
 /// The authenticated caller, put into the request for the handlers.
@@ -118,12 +148,22 @@ pub(super) async fn require(
     // Read what the check needs first: a `&Request` cannot be held across an await.
     let in_url = request.uri().query().is_some_and(query_holds_a_key);
     let given = bearer(request.headers()).map(str::to_owned);
+    // Without connection info (a router served by hand) every caller shares one rate.
+    let from = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
     match authorize(&state, need, in_url, given).await {
         Ok(caller) => {
             request.extensions_mut().insert(caller);
             next.run(request).await
         }
-        Err(refused) => refused.into_response(),
+        Err(refused) => {
+            if refused.status() == StatusCode::UNAUTHORIZED {
+                state.refusals.hold(from).await;
+            }
+            refused.into_response()
+        }
     }
 }
 

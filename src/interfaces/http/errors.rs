@@ -22,6 +22,10 @@ impl ApiError {
             message: message.into(),
         }
     }
+
+    pub(super) fn status(&self) -> StatusCode {
+        self.status
+    }
 }
 
 impl IntoResponse for ApiError {

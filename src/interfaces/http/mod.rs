@@ -53,6 +53,8 @@ pub struct AppState {
     /// Agent-key lookups at once: a flood of wrong keys queues here instead of taking
     /// the pool's connections from everything else (`/healthz`, the worker).
     key_lookups: Arc<tokio::sync::Semaphore>,
+    /// Wrong keys per client address, to pace a flood of them.
+    refusals: Arc<auth::Refusals>,
     /// The live keys' digests, started on first use.
     key_filter: Arc<std::sync::OnceLock<Arc<KeyFilter>>>,
 }
@@ -68,6 +70,7 @@ impl AppState {
             waiters: Arc::new(std::sync::OnceLock::new()),
             key_lookups: Arc::new(tokio::sync::Semaphore::new(KEY_LOOKUPS)),
             key_filter: Arc::new(std::sync::OnceLock::new()),
+            refusals: Arc::new(auth::Refusals::new()),
         }
     }
 
@@ -191,7 +194,9 @@ pub async fn serve(
             }
         })
     };
-    let served = axum::serve(listener, router(state))
+    // With each connection's address, so wrong keys are paced per client.
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
     upkeep.abort();
