@@ -4,6 +4,7 @@
 
 mod fanout;
 mod floor;
+mod keys;
 mod preload;
 mod soak;
 mod spawn;
@@ -27,6 +28,7 @@ mod chat;
 pub use chat::chat;
 pub use fanout::fanout;
 pub use floor::floor;
+pub use keys::keys;
 pub use soak::soak;
 
 /// A scratch database on the same server, dropped at the end.

@@ -344,6 +344,10 @@ async fn bench(db: &Database, command: BenchCommand) -> OpsResult<i32> {
         }
         BenchCommand::Fanout { chats, rate } => bench::fanout(db, chats, rate).await?,
         BenchCommand::Chat { samples } => bench::chat(db, samples).await?,
+        BenchCommand::Keys {
+            requests,
+            concurrency,
+        } => bench::keys(db, requests, concurrency).await?,
         BenchCommand::Tick { events, rules } => bench::tick(db, events, rules).await?,
         BenchCommand::Soak { minutes } => bench::soak(db, minutes).await?,
     };

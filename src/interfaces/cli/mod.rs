@@ -278,6 +278,15 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 100)]
         samples: u32,
     },
+    /// A flood of wrong keys from one client: `/healthz` p95 idle and during it, and
+    /// the pace the flood was held to.
+    Keys {
+        #[arg(long, default_value_t = 10_000)]
+        requests: u32,
+        /// Wrong-key requests in flight at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: u32,
+    },
     /// Events processed by reactions: events/s.
     Tick {
         #[arg(long, default_value_t = 20_000)]

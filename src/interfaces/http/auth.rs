@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroU32;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -62,19 +62,50 @@ const MAX_HOLD: Duration = Duration::from_secs(1);
 /// held back until the address is within its rate again (at most [`MAX_HOLD`]). A flood
 /// then paces itself instead of taking the server's cores from everyone else, and no
 /// one is locked out: a right key from the same address is never held.
-pub(super) struct Refusals(DefaultKeyedRateLimiter<IpAddr>);
+pub(super) struct Refusals {
+    pace: DefaultKeyedRateLimiter<IpAddr>,
+    /// Unknown keys since the last log line, and when that was written.
+    unlogged: std::sync::Mutex<(u64, Option<Instant>)>,
+}
+
+/// At most one log line about unknown keys this often: a flood must not become a
+/// flood of log lines (each costs more than the refusal itself).
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Refusals {
     pub(super) fn new() -> Refusals {
         let rate = NonZeroU32::new(REFUSALS_PER_SECOND).unwrap_or(NonZeroU32::MIN);
-        Refusals(RateLimiter::keyed(Quota::per_second(rate)))
+        Refusals {
+            pace: RateLimiter::keyed(Quota::per_second(rate)),
+            unlogged: std::sync::Mutex::new((0, None)),
+        }
     }
 
     async fn hold(&self, from: IpAddr) {
-        if self.0.len() > 10_000 {
-            self.0.retain_recent();
+        if self.pace.len() > 10_000 {
+            self.pace.retain_recent();
         }
-        let _ = tokio::time::timeout(MAX_HOLD, self.0.until_key_ready(&from)).await;
+        let _ = tokio::time::timeout(MAX_HOLD, self.pace.until_key_ready(&from)).await;
+    }
+
+    /// An unknown or revoked key from `from`: the first is logged at once, the rest
+    /// counted into one line per [`LOG_EVERY`].
+    fn unknown_key(&self, from: IpAddr) {
+        let Ok(mut unlogged) = self.unlogged.lock() else {
+            return;
+        };
+        unlogged.0 += 1;
+        let due = unlogged.1.is_none_or(|at| at.elapsed() >= LOG_EVERY);
+        if due {
+            let n = unlogged.0;
+            *unlogged = (0, Some(Instant::now()));
+            drop(unlogged);
+            tracing::warn!(
+                refused = n,
+                latest_from = %from,
+                "http: /api calls with an unknown or revoked key were refused"
+            );
+        }
     }
 }
 
@@ -153,7 +184,7 @@ pub(super) async fn require(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
-    match authorize(&state, need, in_url, given).await {
+    match authorize(&state, need, in_url, given, from).await {
         Ok(caller) => {
             request.extensions_mut().insert(caller);
             next.run(request).await
@@ -172,6 +203,7 @@ async fn authorize(
     need: Need,
     key_in_url: bool,
     given: Result<String, &'static str>,
+    from: IpAddr,
 ) -> Result<Caller, ApiError> {
     let unauthorized = |m: &str| Err(ApiError::new(StatusCode::UNAUTHORIZED, m));
     if state.ops_key.is_off() {
@@ -199,7 +231,7 @@ async fn authorize(
         keys::authenticate(&state.pool, state.key_filter(), &given).await?
     };
     let Some(agent) = agent else {
-        tracing::warn!("http: an /api call with an unknown or revoked key was refused");
+        state.refusals.unknown_key(from);
         return unauthorized("unknown or revoked key");
     };
     if let Some(why) = need.refusal(&agent) {
