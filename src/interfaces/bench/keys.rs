@@ -22,8 +22,9 @@ use crate::interfaces::http;
 use crate::store::policy::PolicyCache;
 
 /// Idle probes before the flood.
-const IDLE_PROBES: usize = 300;
-/// The pause between two probes during the flood.
+const IDLE_PROBES: usize = 1000;
+/// The pause between two probes, idle and during the flood: the same cadence in both,
+/// or the idle figure is of a server kept awake by back-to-back probes.
 const PROBE_EVERY: Duration = Duration::from_millis(5);
 
 pub async fn keys(db: &Database, requests: u32, concurrency: u32) -> anyhow::Result<Value> {
@@ -103,8 +104,8 @@ pub async fn keys(db: &Database, requests: u32, concurrency: u32) -> anyhow::Res
     Ok(out)
 }
 
-/// `/healthz` latencies in ms: `IDLE_PROBES` idle, then (once `idle_done` has let the
-/// flood go) every `PROBE_EVERY` until `over`.
+/// `/healthz` latencies in ms, one every `PROBE_EVERY`: `IDLE_PROBES` idle, then (once
+/// `idle_done` has let the flood go) until `over`.
 fn probe_healthz(
     base: &str,
     idle_done: std::sync::mpsc::Sender<()>,
@@ -130,6 +131,7 @@ fn probe_healthz(
         let mut idle = Vec::with_capacity(IDLE_PROBES);
         for _ in 0..IDLE_PROBES {
             idle.push(once().await?);
+            tokio::time::sleep(PROBE_EVERY).await;
         }
         let _ = idle_done.send(());
         let mut loaded = Vec::new();
@@ -143,8 +145,10 @@ fn probe_healthz(
     })
 }
 
-/// Sends the wrong keys; returns the 401s and a count of any other status.
-fn flood_wrong_keys(url: &str, requests: u32, concurrency: u32) -> anyhow::Result<(u64, Value)> {
+/// Sends `requests` wrong keys to `url`, `concurrency` at a time, on a runtime of its
+/// own (call it from a thread of its own); returns the 401s and a count of any other
+/// status by status (empty when every one was a 401). Tests use it too.
+pub fn flood_wrong_keys(url: &str, requests: u32, concurrency: u32) -> anyhow::Result<(u64, Value)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -28,7 +28,7 @@ mod chat;
 pub use chat::chat;
 pub use fanout::fanout;
 pub use floor::floor;
-pub use keys::keys;
+pub use keys::{flood_wrong_keys, keys};
 pub use soak::soak;
 
 /// A scratch database on the same server, dropped at the end.
