@@ -6,6 +6,7 @@ pub mod embedded;
 pub mod locks;
 pub mod pooler;
 pub mod singleton;
+pub mod vacuum;
 
 use std::time::Duration;
 

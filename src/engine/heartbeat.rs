@@ -14,6 +14,7 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::db::locks;
+use crate::db::vacuum;
 use crate::db::singleton::{Held, Singleton};
 use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::policy::Policy;
@@ -47,6 +48,8 @@ pub struct TickSummary {
     pub budget_events: u64,
     pub missions_finalized: u64,
     pub deleted: retention::Deleted,
+    /// Queue tables this tick vacuumed (only on a server whose autovacuum is off).
+    pub vacuumed: Vec<String>,
     pub duration_ms: u64,
 }
 
@@ -129,6 +132,15 @@ async fn phases(pool: &PgPool, policy: &Policy, held: &Held) -> OpsResult<TickSu
     s.missions_finalized = finalize_missions(pool).await?;
     still_holding(held, "retention").await?;
     s.deleted = retention::enforce(pool, &policy.retention).await?;
+    still_holding(held, "vacuum").await?;
+    s.vacuumed = match vacuum::queue_tables_if_autovacuum_is_off(pool).await {
+        Ok(tables) => tables,
+        // Not the loop's work: a tick that could not vacuum still did everything else.
+        Err(e) => {
+            tracing::warn!(error = %e, "vacuuming the queue tables failed (the server's autovacuum is off)");
+            Vec::new()
+        }
+    };
     s.duration_ms = started.elapsed().as_millis() as u64;
     still_holding(held, "the tick's record").await?;
     runs::record_tick(pool, &json!(s), started_at).await?;

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
-use crate::db::{Database, MIGRATOR, pooler};
+use crate::db::{Database, MIGRATOR, pooler, vacuum};
 use crate::domain::config::{Settings, redact_url};
 use crate::domain::policy;
 use crate::store::policy as policy_store;
@@ -98,6 +98,7 @@ pub async fn doctor(
     match &db {
         Some(db) => {
             check_old_transactions(&mut report, &db.pool, max_transaction_age).await;
+            check_autovacuum(&mut report, &db.pool).await;
             if migrated {
                 check_bloat(&mut report, &db.pool).await;
             } else {
@@ -109,6 +110,7 @@ pub async fn doctor(
         }
         None => {
             report.skip("transactions", no_db);
+            report.skip("autovacuum", no_db);
             report.skip("bloat", no_db);
         }
     }
@@ -588,15 +590,28 @@ async fn check_old_transactions(report: &mut Report, pool: &PgPool, max_age: Dur
     }
 }
 
-/// The tables every step, event and message updates: dead row versions piling up there
-/// slow the claims down (a long transaction, or autovacuum switched off or behind).
-const QUEUE_TABLES: &[&str] = &[
-    "ops_mission_steps",
-    "ops_missions",
-    "ops_agent_events",
-    "ops_notifications",
-    "ops_mission_proposals",
-];
+/// Autovacuum off: the heartbeat vacuums opsloop's queue tables itself
+/// (`db::vacuum`), but nothing else on the server is.
+async fn check_autovacuum(report: &mut Report, pool: &PgPool) {
+    const CHECK: &str = "autovacuum";
+    let on: Result<bool, _> = sqlx::query_scalar("SELECT current_setting('autovacuum')::bool")
+        .fetch_one(pool)
+        .await;
+    match on {
+        Ok(true) => report.ok(CHECK, "on"),
+        Ok(false) => report.warn(
+            CHECK,
+            "autovacuum is off on this server: the heartbeat vacuums opsloop's queue tables itself, nothing else is",
+            "set autovacuum = on in postgresql.conf and reload",
+        ),
+        Err(e) => report.warn(
+            CHECK,
+            format!("cannot read the autovacuum setting: {e}"),
+            "check the database user's privileges",
+        ),
+    }
+}
+
 /// Fewer dead rows than this are autovacuum's ordinary backlog.
 const DEAD_ROWS_WARN: i64 = 10_000;
 
@@ -608,7 +623,7 @@ async fn check_bloat(report: &mut Report, pool: &PgPool) {
            AND n_dead_tup >= $2 AND n_dead_tup > n_live_tup
          ORDER BY n_dead_tup DESC",
     )
-    .bind(QUEUE_TABLES)
+    .bind(vacuum::QUEUE_TABLES)
     .bind(DEAD_ROWS_WARN)
     .fetch_all(pool)
     .await;
