@@ -204,3 +204,56 @@ async fn nothing_is_deleted_without_a_retention_policy() {
     assert_eq!(summary.deleted.proposals + summary.deleted.events, 0);
     assert_eq!(count(&db, "SELECT count(*) FROM ops_missions").await, 1);
 }
+
+/// With the server's autovacuum off (as on the machines these tests run on), the
+/// heartbeat vacuums the queue tables itself once they hold enough dead rows; with it
+/// on, it leaves them to autovacuum.
+#[tokio::test]
+async fn the_heartbeat_vacuums_the_queue_tables_when_autovacuum_is_off() {
+    let db = test_db().await;
+    let policy = opsloop::domain::policy::parse(POLICY).expect("policy");
+    propose(&db, "job", 1).await;
+    // 1,200 dead versions of the mission's two steps.
+    exec(
+        &db,
+        "DO $$ BEGIN FOR i IN 1..600 LOOP UPDATE ops_mission_steps SET attempts = attempts; END LOOP; END $$",
+    )
+    .await;
+    let autovacuum: bool = sqlx::query_scalar("SELECT current_setting('autovacuum')::bool")
+        .fetch_one(&db.pool)
+        .await
+        .expect("autovacuum");
+    let summary = heartbeat::tick(&db.pool, &policy).await.expect("tick");
+    if autovacuum {
+        assert!(summary.vacuumed.is_empty(), "{:?}", summary.vacuumed);
+        return;
+    }
+    // The dead rows reach the statistics within the backend's flush interval (≤ 10 s).
+    let mut vacuumed = summary.vacuumed;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !vacuumed.iter().any(|t| t == "ops_mission_steps") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ops_mission_steps never vacuumed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        vacuumed = heartbeat::tick(&db.pool, &policy)
+            .await
+            .expect("tick")
+            .vacuumed;
+    }
+    let (dead, vacuums): (i64, i64) = sqlx::query_as(
+        "SELECT n_dead_tup, vacuum_count FROM pg_stat_user_tables WHERE relname = 'ops_mission_steps'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("stats");
+    assert!(vacuums >= 1 && dead < 1000, "dead {dead}, vacuums {vacuums}");
+    // Vacuumed, the table is not vacuumed again on the next tick.
+    let again = heartbeat::tick(&db.pool, &policy).await.expect("tick");
+    assert!(
+        !again.vacuumed.iter().any(|t| t == "ops_mission_steps"),
+        "{:?}",
+        again.vacuumed
+    );
+}

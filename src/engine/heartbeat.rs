@@ -14,8 +14,8 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::db::locks;
-use crate::db::vacuum;
 use crate::db::singleton::{Held, Singleton};
+use crate::db::vacuum;
 use crate::domain::error::{OpsError, OpsResult};
 use crate::domain::policy::Policy;
 use crate::domain::vocab::{EventKind, MissionStatus, Source, StepStatus};

@@ -607,7 +607,7 @@ async fn check_autovacuum(report: &mut Report, pool: &PgPool) {
         Err(e) => report.warn(
             CHECK,
             format!("cannot read the autovacuum setting: {e}"),
-            "check the database user's privileges",
+            "run SHOW autovacuum as opsloop's database user to see why",
         ),
     }
 }

@@ -4,6 +4,7 @@
 //! dead-letter the step and fail the mission. The statements are the tables' owners'
 //! (`store::steps`, `store::missions`, ...); this module decides which run when.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -177,13 +178,18 @@ pub async fn finish_batch(
         })
         .collect();
     let stored = steps::store_endings(conn, &rows).await?;
+    // Each stored step's ending, by step: a batch holds hundreds.
+    let ending_of: HashMap<i64, &Ending> = items
+        .iter()
+        .map(|(lease, ending)| (lease.step_id, ending))
+        .collect();
     // What the stored successes report they spent, charged in this transaction.
     let costs: Vec<(i64, Amount)> = stored
         .iter()
         .filter(|s| s.outcome == StepStatus::Succeeded)
         .filter_map(
-            |s| match items.iter().find(|(lease, _)| lease.step_id == s.id) {
-                Some((_, Ending::Succeeded { output, .. })) => output
+            |s| match ending_of.get(&s.id) {
+                Some(Ending::Succeeded { output, .. }) => output
                     .as_object()
                     .and_then(|o| cost_of(o).ok().flatten())
                     .map(|cost| (s.mission_id, cost)),
@@ -206,8 +212,7 @@ pub async fn finish_batch(
     let succeeded: Vec<&Stored> = stored.iter().filter(|s| s.moves_on()).collect();
     // An `emit` step's event belongs to its step, so it comes before `mission.succeeded`.
     for s in &succeeded {
-        if let Some((_, Ending::Succeeded { result, .. })) =
-            items.iter().find(|(lease, _)| lease.step_id == s.id)
+        if let Some(Ending::Succeeded { result, .. }) = ending_of.get(&s.id)
             && let Some((event, payload)) = emitted_event(result)
         {
             let event = NewEvent::new(event, Source::Worker)
@@ -231,15 +236,13 @@ pub async fn finish_batch(
         finalize(conn, &done).await?;
     }
     for s in stored.iter().filter(|s| s.outcome == StepStatus::Asking) {
-        if let Some((_, Ending::Asking { question })) =
-            items.iter().find(|(lease, _)| lease.step_id == s.id)
-        {
+        if let Some(Ending::Asking { question }) = ending_of.get(&s.id) {
             questions::ask(conn, question).await?;
         }
     }
     for s in stored.iter().filter(|s| s.out_of_attempts()) {
-        if let Some((_, Ending::Failed { error, .. } | Ending::FailedForGood { error })) =
-            items.iter().find(|(lease, _)| lease.step_id == s.id)
+        if let Some(Ending::Failed { error, .. } | Ending::FailedForGood { error }) =
+            ending_of.get(&s.id)
         {
             fail_for_good(
                 conn,
@@ -253,9 +256,10 @@ pub async fn finish_batch(
             .await?;
         }
     }
+    let stored_ids: HashSet<i64> = stored.iter().map(|s| s.id).collect();
     Ok(items
         .iter()
-        .map(|(lease, _)| stored.iter().any(|s| s.id == lease.step_id))
+        .map(|(lease, _)| stored_ids.contains(&lease.step_id))
         .collect())
 }
 

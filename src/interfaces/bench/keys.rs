@@ -148,7 +148,11 @@ fn probe_healthz(
 /// Sends `requests` wrong keys to `url`, `concurrency` at a time, on a runtime of its
 /// own (call it from a thread of its own); returns the 401s and a count of any other
 /// status by status (empty when every one was a 401). Tests use it too.
-pub fn flood_wrong_keys(url: &str, requests: u32, concurrency: u32) -> anyhow::Result<(u64, Value)> {
+pub fn flood_wrong_keys(
+    url: &str,
+    requests: u32,
+    concurrency: u32,
+) -> anyhow::Result<(u64, Value)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
