@@ -92,13 +92,16 @@ async fn doctor_is_all_green_on_a_healthy_setup() {
             "{text}"
         );
         assert!(
-            text.trim_end().ends_with("all checks passed (1 warning(s))"),
+            text.trim_end()
+                .ends_with("all checks passed (1 warning(s))"),
             "{text}"
         );
     }
     let others: Vec<&str> = text.lines().filter(|l| *l != vacuum_line).collect();
     assert!(
-        !others.iter().any(|l| l.contains("FAIL") || l.starts_with("warn")),
+        !others
+            .iter()
+            .any(|l| l.contains("FAIL") || l.starts_with("warn")),
         "{text}"
     );
     assert!(

@@ -187,15 +187,13 @@ pub async fn finish_batch(
     let costs: Vec<(i64, Amount)> = stored
         .iter()
         .filter(|s| s.outcome == StepStatus::Succeeded)
-        .filter_map(
-            |s| match ending_of.get(&s.id) {
-                Some(Ending::Succeeded { output, .. }) => output
-                    .as_object()
-                    .and_then(|o| cost_of(o).ok().flatten())
-                    .map(|cost| (s.mission_id, cost)),
-                _ => None,
-            },
-        )
+        .filter_map(|s| match ending_of.get(&s.id) {
+            Some(Ending::Succeeded { output, .. }) => output
+                .as_object()
+                .and_then(|o| cost_of(o).ok().flatten())
+                .map(|cost| (s.mission_id, cost)),
+            _ => None,
+        })
         .collect();
     budgets::charge(conn, policy, &costs).await?;
 
