@@ -66,8 +66,33 @@ const MAX_HOLD: Duration = Duration::from_secs(1);
 /// one is locked out: a right key from the same address is never held.
 pub(super) struct Refusals {
     pace: DefaultKeyedRateLimiter<IpAddr>,
-    /// Unknown keys since the last log line, and when that was written.
-    unlogged: std::sync::Mutex<(u64, Option<Instant>)>,
+    unlogged: std::sync::Mutex<Unlogged>,
+}
+
+/// Unknown keys since the last log line, and when that was written.
+#[derive(Default)]
+struct Unlogged {
+    refused: u64,
+    logged_at: Option<Instant>,
+}
+
+impl Unlogged {
+    /// Count one refusal at `now`; when a line is due, how many it reports.
+    fn count(&mut self, now: Instant) -> Option<u64> {
+        self.refused += 1;
+        let due = self
+            .logged_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= LOG_EVERY);
+        if !due {
+            return None;
+        }
+        let refused = self.refused;
+        *self = Unlogged {
+            refused: 0,
+            logged_at: Some(now),
+        };
+        Some(refused)
+    }
 }
 
 /// At most one log line about unknown keys this often: a flood must not become a
@@ -79,7 +104,7 @@ impl Refusals {
         let rate = NonZeroU32::new(REFUSALS_PER_SECOND).unwrap_or(NonZeroU32::MIN);
         Refusals {
             pace: RateLimiter::keyed(Quota::per_second(rate)),
-            unlogged: std::sync::Mutex::new((0, None)),
+            unlogged: std::sync::Mutex::new(Unlogged::default()),
         }
     }
 
@@ -93,15 +118,11 @@ impl Refusals {
     /// An unknown or revoked key from `from`: the first is logged at once, the rest
     /// counted into one line per [`LOG_EVERY`].
     fn unknown_key(&self, from: IpAddr) {
-        let Ok(mut unlogged) = self.unlogged.lock() else {
-            return;
+        let due = match self.unlogged.lock() {
+            Ok(mut unlogged) => unlogged.count(Instant::now()),
+            Err(_) => return,
         };
-        unlogged.0 += 1;
-        let due = unlogged.1.is_none_or(|at| at.elapsed() >= LOG_EVERY);
-        if due {
-            let n = unlogged.0;
-            *unlogged = (0, Some(Instant::now()));
-            drop(unlogged);
+        if let Some(n) = due {
             tracing::warn!(
                 refused = n,
                 latest_from = %from,
@@ -288,6 +309,23 @@ mod tests {
 
     use super::*;
     use crate::domain::keys::{KeyName, Scopes};
+
+    #[test]
+    fn unknown_keys_are_logged_once_per_interval_with_their_count() {
+        let mut unlogged = Unlogged::default();
+        let t0 = Instant::now();
+        assert_eq!(unlogged.count(t0), Some(1), "the first is logged at once");
+        for i in 1..=99 {
+            assert_eq!(unlogged.count(t0 + Duration::from_millis(i * 10)), None);
+        }
+        // The next after the interval reports all since the last line, itself included.
+        assert_eq!(unlogged.count(t0 + LOG_EVERY), Some(100));
+        assert_eq!(
+            unlogged.count(t0 + LOG_EVERY + Duration::from_secs(1)),
+            None
+        );
+        assert_eq!(unlogged.count(t0 + LOG_EVERY * 2), Some(2));
+    }
 
     #[test]
     fn bearer_tokens_are_parsed_strictly() {
