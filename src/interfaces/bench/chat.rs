@@ -27,7 +27,7 @@ use crate::interfaces::bot;
 use crate::store::policy::{self as policy_store, PolicyCache};
 
 pub(super) const TOKEN: &str = "123456:bench";
-const PERSON: i64 = 1001;
+pub(super) const PERSON: i64 = 1001;
 
 /// What the fake Bot API saw, with when.
 #[derive(Default)]
@@ -72,7 +72,7 @@ impl Fake {
         json!({"id": PERSON, "is_bot": false, "first_name": "Bench"})
     }
 
-    fn say(&self, text: &str) {
+    pub(super) fn say(&self, text: &str) {
         let id = {
             let mut seen = self.lock();
             seen.next_message += 1;
@@ -87,8 +87,32 @@ impl Fake {
         self.push("message", msg);
     }
 
+    /// Serve the fake Bot API on a loopback port: its base URL, and the server's task
+    /// (abort it when done).
+    pub(super) async fn serve(
+        &self,
+    ) -> anyhow::Result<(String, tokio::task::JoinHandle<std::io::Result<()>>)> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/", listener.local_addr()?);
+        let app = Router::new()
+            .route("/{bot}/{method}", post(api))
+            .with_state(self.clone());
+        Ok((
+            url,
+            tokio::spawn(async move { axum::serve(listener, app).await }),
+        ))
+    }
+
+    /// What was sent since the last call, taken out (with the callback answers seen):
+    /// a long run keeps nothing it has looked at.
+    pub(super) fn take_sent(&self) -> Vec<(DateTime<Utc>, i64, i64, String)> {
+        let mut seen = self.lock();
+        seen.answered.clear();
+        std::mem::take(&mut seen.sent)
+    }
+
     /// Tap a button on message `message_id`; returns the callback query id.
-    fn tap(&self, message_id: i64, data: &str) -> String {
+    pub(super) fn tap(&self, message_id: i64, data: &str) -> String {
         let id = format!("cb{}", Utc::now().timestamp_nanos_opt().unwrap_or(0));
         let q = json!({"id": id, "from": Fake::person(), "chat_instance": "bench", "data": data,
             "message": Fake::message(message_id, PERSON, "…")});
@@ -97,7 +121,7 @@ impl Fake {
     }
 }
 
-pub(super) async fn api(
+async fn api(
     State(fake): State<Fake>,
     Path((_bot, method)): Path<(String, String)>,
     body: axum::body::Bytes,
@@ -142,6 +166,9 @@ pub(super) async fn api(
             let chat = p["chat_id"].as_i64().unwrap_or(0);
             let id = p["message_id"].as_i64().unwrap_or(0);
             ok(Fake::message(id, chat, p["text"].as_str().unwrap_or("")))
+        }
+        "getwebhookinfo" => {
+            ok(json!({"url": "", "has_custom_certificate": false, "pending_update_count": 0}))
         }
         "answercallbackquery" => {
             let id = p["callback_query_id"].as_str().unwrap_or("").to_string();
@@ -241,12 +268,7 @@ pub async fn chat(db: &Database, samples: u32) -> anyhow::Result<Value> {
     .await?;
 
     let fake = Fake::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/", listener.local_addr()?);
-    let app = Router::new()
-        .route("/{bot}/{method}", post(api))
-        .with_state(fake.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (url, server) = fake.serve().await?;
 
     let stop = CancellationToken::new();
     let cache = PolicyCache::default();

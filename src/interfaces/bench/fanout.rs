@@ -6,14 +6,12 @@
 
 use std::time::Duration;
 
-use axum::Router;
-use axum::routing::post;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::chat::{Fake, TOKEN, api};
+use super::chat::{Fake, TOKEN};
 use super::{Scratch, line, round2};
 use crate::db::Database;
 use crate::domain::error::OpsError;
@@ -111,12 +109,7 @@ pub async fn fanout(db: &Database, chats: u32, rate: u32) -> anyhow::Result<Valu
         .map_err(|p| anyhow::anyhow!("bench policy: {p:?}"))?;
 
     let fake = Fake::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/", listener.local_addr()?);
-    let app = Router::new()
-        .route("/{bot}/{method}", post(api))
-        .with_state(fake.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (url, server) = fake.serve().await?;
     let stop = CancellationToken::new();
     let telegram = bot::bot(TOKEN, &url)?;
     let sender = Sender::new(pool.clone(), telegram, &policy.telegram);

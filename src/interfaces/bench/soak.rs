@@ -2,28 +2,33 @@
 //! show that nothing grows without bound. Missions of shell, http, sleep and noop steps
 //! arrive every 100 ms, events every 500 ms that a reaction turns into proposals, a cron
 //! trigger fires every minute, and retention (two minutes) deletes what is done. Every
-//! minute it samples this process's RSS, the database's connections, the opsloop
-//! tables' rows and size, and that minute's propose → first step started latencies;
-//! the JSON line has the first and the last minute side by side.
-//!
-//! Telegram is not part of it (the bench has no Bot API to talk to); the outbox and the
-//! bot are covered by the tests against the fake Bot API.
+//! 5 s a mission asks a question in Telegram, which a person answers by tapping its
+//! first button: the bot, the outbox sender and a fake Bot API on loopback (the chat
+//! bench's) run in this process. Every minute it samples this process's RSS, the
+//! database's connections, the opsloop tables' rows and size, the outbox's backlog,
+//! that minute's propose → first step started latencies and question asked → answered
+//! ones; the JSON line has the first and the last minute side by side.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::PgPool;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::chat::{Fake, PERSON, TOKEN};
 use super::{Scratch, line, percentile, round2};
 use crate::db::Database;
 use crate::domain::error::OpsError;
+use crate::domain::policy::Policy;
 use crate::engine::heartbeat;
+use crate::engine::notify::sender::Sender;
 use crate::engine::proposals::{self, NewProposal, Source};
 use crate::engine::worker::Worker;
-use crate::store::events;
+use crate::interfaces::bot;
 use crate::store::policy::{self as policy_store, PolicyCache};
+use crate::store::{events, users};
 
 fn soak_policy(sink: u16) -> String {
     format!(
@@ -54,6 +59,19 @@ steps = [
   {{ name = "nap", kind = "sleep", for = "50ms" }},
   {{ name = "end", kind = "noop" }},
 ]
+
+[templates.ask]
+risk = "low"
+params.n = {{ pattern = '^\d+$', help = "question number" }}
+steps = [
+  {{ name = "q", kind = "ask", question = "Go on with soak {{n}}?", choices = ["yes", "no"] }},
+  {{ name = "after", kind = "noop" }},
+]
+
+# Questions reach the person whatever this says; mission cards at 10 missions a
+# second would only queue behind Telegram's 1 message/s per chat.
+[notify]
+events = ["mission.failed"]
 
 [templates.react]
 risk = "low"
@@ -128,6 +146,20 @@ async fn sample(pool: &PgPool, since: DateTime<Utc>) -> anyhow::Result<Value> {
         sqlx::query_scalar("SELECT count(*) FROM ops_missions WHERE status = 'running'")
             .fetch_one(pool)
             .await?;
+    let mut waits: Vec<f64> = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM (answered_at - created_at)) * 1000.0)::float8
+         FROM ops_questions WHERE created_at >= $1 AND answered_at IS NOT NULL",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await?;
+    waits.sort_by(f64::total_cmp);
+    let (open, outbox): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM ops_questions WHERE status = 'open'),
+                (SELECT count(*) FROM ops_notifications WHERE status IN ('pending', 'in_flight'))",
+    )
+    .fetch_one(pool)
+    .await?;
     Ok(json!({
         "rss_mb": round2(rss_kb as f64 / 1024.0),
         "connections": connections,
@@ -138,6 +170,11 @@ async fn sample(pool: &PgPool, since: DateTime<Utc>) -> anyhow::Result<Value> {
         "missions_started": latencies.len(),
         "start_p50_ms": round2(percentile(&latencies, 50.0)),
         "start_p99_ms": round2(percentile(&latencies, 99.0)),
+        "questions_answered": waits.len(),
+        "question_answered_p50_ms": round2(percentile(&waits, 50.0)),
+        "question_answered_p99_ms": round2(percentile(&waits, 99.0)),
+        "questions_open": open,
+        "outbox_backlog": outbox,
     }))
 }
 
@@ -156,6 +193,58 @@ async fn sink() -> anyhow::Result<(u16, CancellationToken)> {
     Ok((port, stop))
 }
 
+/// The Telegram side: a person (an admin who has sent /start) on a fake Bot API, the
+/// bot and the outbox sender, and the person's thumb: every question that reaches them
+/// is answered with its first choice.
+async fn person_in_telegram(
+    pool: &PgPool,
+    policy: &Policy,
+    cache: &PolicyCache,
+    stop: &CancellationToken,
+) -> anyhow::Result<(Fake, JoinHandle<std::io::Result<()>>, Vec<JoinHandle<()>>)> {
+    users::grant(pool, PERSON, users::Role::Admin, Source::Cli, "bench").await?;
+    let fake = Fake::default();
+    let (url, server) = fake.serve().await?;
+    let telegram = bot::bot(TOKEN, &url)?;
+    let bot_task = tokio::spawn(bot::run(
+        pool.clone(),
+        telegram.clone(),
+        TOKEN,
+        cache.clone(),
+        stop.clone(),
+    ));
+    let sender = Sender::new(pool.clone(), telegram, &policy.telegram);
+    let sender_task = tokio::spawn({
+        let stop = stop.clone();
+        async move { sender.run(stop).await }
+    });
+    fake.say("/start");
+    let thumb = tokio::spawn({
+        let (fake, stop) = (fake.clone(), stop.clone());
+        async move {
+            while !stop.is_cancelled() {
+                for (_, _, message, text) in fake.take_sent() {
+                    if let Some(question) = question_in(&text) {
+                        fake.tap(message, &format!("q:{question}:0"));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    Ok((fake, server, vec![bot_task, sender_task, thumb]))
+}
+
+/// The question a message asks ("… question #12</b> …"), if it asks one.
+fn question_in(text: &str) -> Option<i64> {
+    let (_, after) = text.split_once("question #")?;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    if !after[digits.len()..].starts_with("</b>") {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 pub async fn soak(db: &Database, minutes: u32) -> anyhow::Result<Value> {
     if minutes == 0 {
         return Err(OpsError::bad_input("--minutes must be at least 1").into());
@@ -170,8 +259,10 @@ pub async fn soak(db: &Database, minutes: u32) -> anyhow::Result<Value> {
     let cache = PolicyCache::default();
     cache.refresh(&pool).await?;
     let stop = CancellationToken::new();
-    let worker =
-        tokio::spawn(Worker::new(pool.clone(), cache, 8).run(stop.clone(), Duration::from_secs(5)));
+    let worker = tokio::spawn(
+        Worker::new(pool.clone(), cache.clone(), 8).run(stop.clone(), Duration::from_secs(5)),
+    );
+    let (fake, fake_server, telegram) = person_in_telegram(&pool, &policy, &cache, &stop).await?;
     let ticking = tokio::spawn({
         let (pool, policy, stop) = (pool.clone(), policy.clone(), stop.clone());
         async move {
@@ -204,6 +295,19 @@ pub async fn soak(db: &Database, minutes: u32) -> anyhow::Result<Value> {
             if proposals::propose(&pool, &policy, proposal).await.is_err() {
                 failures += 1;
             }
+            if n % 50 == 0 {
+                let ask = NewProposal {
+                    template: "ask".into(),
+                    params: [("n".to_string(), n.to_string())].into(),
+                    proposed_by: "bench".into(),
+                    source: Source::Cli,
+                    priority: None,
+                    may_raise_priority: false,
+                };
+                if proposals::propose(&pool, &policy, ask).await.is_err() {
+                    failures += 1;
+                }
+            }
             if n % 5 == 0 {
                 let ping = json!({ "n": n.to_string() });
                 if events::emit_user(&pool, "soak.ping", "bench", ping)
@@ -219,6 +323,11 @@ pub async fn soak(db: &Database, minutes: u32) -> anyhow::Result<Value> {
     stop.cancel();
     let _ = worker.await;
     let _ = ticking.await;
+    for task in telegram {
+        let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+    }
+    fake_server.abort();
+    drop(fake);
     sink_stop.cancel();
     let succeeded: i64 =
         sqlx::query_scalar("SELECT count(*) FROM ops_missions WHERE status = 'succeeded'")
@@ -240,4 +349,17 @@ pub async fn soak(db: &Database, minutes: u32) -> anyhow::Result<Value> {
     .await;
     scratch.drop().await;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::question_in;
+
+    #[test]
+    fn questions_are_found_in_their_messages() {
+        assert_eq!(question_in("❓ <b>question #12</b> from mission"), Some(12));
+        assert_eq!(question_in("question #12 from"), None);
+        assert_eq!(question_in("proposal #3</b>"), None);
+        assert_eq!(question_in("question #</b>"), None);
+    }
 }
