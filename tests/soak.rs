@@ -1,7 +1,8 @@
 //! `opsloop bench soak` (issue 14), the short CI version: one minute of the realistic
 //! mix through the real binary. The figures are printed, not asserted (the README has
 //! the 30-minute ones); what is checked is that the mix ran without an error, missions
-//! started and finished, and the line carries every figure.
+//! started and finished, questions were answered through the fake Telegram, and the line
+//! carries every figure.
 
 mod support;
 
@@ -30,12 +31,22 @@ fn a_one_minute_soak_runs_clean_and_reports_every_figure() {
         "missions_started",
         "start_p50_ms",
         "start_p99_ms",
+        "questions_answered",
+        "question_answered_p50_ms",
+        "question_answered_p99_ms",
+        "questions_open",
+        "outbox_backlog",
     ] {
         assert!(last[key].is_number(), "{key} missing: {figures}");
     }
     assert!(
         last["missions_started"].as_u64().unwrap_or(0) > 100,
         "the mix ran: {figures}"
+    );
+    // A question every 5 s, each answered by the person's tap in the fake Telegram.
+    assert!(
+        last["questions_answered"].as_u64().unwrap_or(0) >= 5,
+        "questions were asked and answered in Telegram: {figures}"
     );
     assert!(
         figures["missions_succeeded_still_kept"]
