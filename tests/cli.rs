@@ -461,3 +461,42 @@ async fn opsloops_own_event_kinds_cannot_be_emitted() {
     let out = opsloop(&db.url, &["emit", "deploy.done"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+/// A report cut short by its reader (`opsloop events | head -1`) ends quietly, as `cat`
+/// does, instead of panicking about the broken pipe.
+#[tokio::test]
+async fn a_report_whose_reader_leaves_ends_without_a_panic() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let db = test_db().await;
+    // Far more than a pipe's buffer (64 KiB) of events.
+    sqlx::query(
+        "INSERT INTO ops_agent_events (kind, source, payload, processed_at)
+         SELECT 'soak.ping', 'cli', jsonb_build_object('filler', repeat('x', 200)), now()
+         FROM generate_series(1, 3000)",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("events");
+    let mut child = opsloop_cmd(Some(&db.url))
+        .args(["events", "--limit", "3000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut first = [0u8; 64];
+    let mut out = child.stdout.take().expect("stdout");
+    out.read_exact(&mut first).expect("the first bytes");
+    drop(out);
+    let done = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("wait");
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        done.status.success() || done.status.signal() == Some(libc::SIGPIPE),
+        "{:?}: {err}",
+        done.status
+    );
+}

@@ -380,6 +380,36 @@ pub enum UsersCommand {
 }
 
 /// Parse the command line, run it, and return the process exit code.
+/// Commands that read and print, and may be cut short by their reader
+/// (`opsloop events | head`).
+fn prints_a_report(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Questions { .. }
+            | Command::Budgets { .. }
+            | Command::Status { .. }
+            | Command::Missions { .. }
+            | Command::Mission { .. }
+            | Command::Events { .. }
+            | Command::Keys { .. }
+            | Command::Users { .. }
+            | Command::Policy { .. }
+            | Command::Completions { .. }
+            | Command::Manpage { .. }
+    )
+}
+
+/// Rust ignores SIGPIPE, so printing to a pipe whose reader has gone panics. For a
+/// command that only reports, a closed pipe means the reader has seen enough: end as
+/// `cat` does. Never for the daemons, the bench or `ask`: their sockets' peers may go
+/// too, and that must be an error they handle, not the end of the process.
+fn die_quietly_on_a_closed_pipe() {
+    // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -409,6 +439,9 @@ pub fn main() -> i32 {
             return 2;
         }
     };
+    if prints_a_report(&cli.command) {
+        die_quietly_on_a_closed_pipe();
+    }
     if let Some(code) = setup::run(&cli.command) {
         return code;
     }
