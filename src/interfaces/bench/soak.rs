@@ -22,6 +22,7 @@ use super::{Scratch, line, percentile, round2};
 use crate::db::Database;
 use crate::domain::error::OpsError;
 use crate::domain::policy::Policy;
+use crate::domain::vocab::EventKind;
 use crate::engine::heartbeat;
 use crate::engine::notify::sender::Sender;
 use crate::engine::proposals::{self, NewProposal, Source};
@@ -71,7 +72,7 @@ steps = [
 # Questions reach the person whatever this says; mission cards at 10 missions a
 # second would only queue behind Telegram's 1 message/s per chat.
 [notify]
-events = ["mission.failed"]
+events = ["{failed}"]
 
 [templates.react]
 risk = "low"
@@ -92,7 +93,8 @@ params = {{ n = "{{payload.n}}" }}
 name = "every-minute"
 cron = "* * * * *"
 propose = "cron"
-"#
+"#,
+        failed = EventKind::MissionFailed.as_str(),
     )
 }
 
