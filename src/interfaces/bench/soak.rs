@@ -158,7 +158,7 @@ async fn sample(pool: &PgPool, since: DateTime<Utc>) -> anyhow::Result<Value> {
     waits.sort_by(f64::total_cmp);
     let (open, outbox): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM ops_questions WHERE status = 'open'),
-                (SELECT count(*) FROM ops_notifications WHERE status IN ('pending', 'in_flight'))",
+                (SELECT count(*) FROM ops_notifications WHERE status = 'pending')",
     )
     .fetch_one(pool)
     .await?;
