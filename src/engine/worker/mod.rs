@@ -6,6 +6,7 @@
 
 mod asks;
 mod completer;
+mod pace;
 mod step;
 
 pub use asks::{Reply as AskReply, Request as AskRequest};
@@ -33,6 +34,7 @@ use crate::store::policy::PolicyCache;
 use crate::store::steps::{self, Claimed};
 use crate::store::workers;
 use asks::AskServer;
+use pace::Pace;
 use step::{Talk, execute};
 
 /// How long running steps may take to finish after SIGTERM before they are released.
@@ -41,11 +43,6 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_secs(1);
 /// With slots busy, wait this long for more to free before claiming, so claims batch.
 const CLAIM_COALESCE: Duration = Duration::from_millis(2);
-/// Steps this short on average (and no longer) are prefetched: a worker then holds up to
-/// `PREFETCH` × concurrency leased steps so claims and completions batch, while only
-/// `concurrency` execute at once. Longer steps are never held waiting in one worker.
-const SHORT_STEP: Duration = Duration::from_millis(10);
-const PREFETCH: usize = 16;
 
 /// Why a running step's token was cancelled: decides what happens to it.
 const STOP_NONE: u8 = 0;
@@ -72,27 +69,6 @@ pub struct Worker {
     slots: Arc<Semaphore>,
     /// Serves `opsloop ask` to the shell steps this worker runs (None: could not start).
     asks: Option<AskServer>,
-}
-
-/// How long recent steps took (an exponential moving average).
-struct Pace {
-    average: Duration,
-    samples: u32,
-}
-
-impl Pace {
-    fn record(&mut self, took: Duration) {
-        self.samples = self.samples.saturating_add(1);
-        self.average = if self.samples == 1 {
-            took
-        } else {
-            (self.average * 7 + took) / 8
-        };
-    }
-
-    fn short(&self) -> bool {
-        self.samples >= 8 && self.average < SHORT_STEP
-    }
 }
 
 impl Worker {
@@ -149,19 +125,12 @@ impl Worker {
         let mut next_retry: Option<Instant> = None;
         // After the listener failed, when to try it again (polling meanwhile).
         let mut listen_again: Option<Instant> = None;
-        let mut pace = Pace {
-            average: Duration::ZERO,
-            samples: 0,
-        };
+        let mut pace = Pace::default();
 
         while !shutdown.is_cancelled() {
             let policy = self.policy.get().await;
             let lease = policy.worker.lease;
-            let capacity = if pace.short() {
-                self.concurrency * PREFETCH
-            } else {
-                self.concurrency
-            };
+            let capacity = pace.capacity(self.concurrency);
             let free = capacity.saturating_sub(running.len());
             let coalesced = running.is_empty()
                 || free * 2 >= capacity
