@@ -8,6 +8,8 @@
 mod http;
 mod shell;
 
+pub(crate) use shell::find_program;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -174,7 +176,10 @@ impl Executors {
                 let timeout = timeout_ms
                     .map(Duration::from_millis)
                     .or(ctx.default_timeout);
-                shell::run(run, cwd.as_deref(), env, timeout, ctx).await
+                // Boxed, like the http arm: their futures are kilobytes, and every
+                // step's task (a noop's too) would otherwise be as big and be copied
+                // that much when it is spawned.
+                Box::pin(shell::run(run, cwd.as_deref(), env, timeout, ctx)).await
             }
             StepSpec::Http {
                 method,
@@ -198,7 +203,7 @@ impl Executors {
                     expect,
                     timeout,
                 };
-                http::run(&self.http, req, ctx).await
+                Box::pin(http::run(&self.http, req, ctx)).await
             }
         }
     }
