@@ -67,7 +67,9 @@ pub struct Claimed {
     pub name: String,
     pub spec: Value,
     pub attempts: i32,
-    pub params: Value,
+    /// Its mission's params, for a shell step (they become its environment); no other
+    /// kind reads them at run time (references to params were filled in at creation).
+    pub params: Option<Value>,
     /// Its `when`, if it has one.
     pub condition: Option<Value>,
     /// The outputs of the mission's earlier succeeded steps by name, when the step
@@ -89,7 +91,10 @@ pub async fn claim_ready(
         "WITH ready AS (
             SELECT id FROM ops_mission_steps
             WHERE status = 'queued' AND run_after <= now()
-              AND (SELECT m.status FROM ops_missions m WHERE m.id = ops_mission_steps.mission_id) = 'running'
+              -- A boolean subquery, not `(SELECT m.status ..) = 'running'`: the planner
+              -- guesses that comparison passes 0.5% of rows, and on a big queue then
+              -- sorts the whole queue rather than walk the index and stop at the limit.
+              AND (SELECT m.status = 'running' FROM ops_missions m WHERE m.id = ops_mission_steps.mission_id)
               AND NOT (SELECT paused FROM ops_paused())
             ORDER BY priority DESC, run_after, id
             LIMIT $2
@@ -100,7 +105,7 @@ pub async fn claim_ready(
                 lease_expires_at = now() + $3, started_at = now(), finished_at = NULL
             -- = ANY(ARRAY(..)): look the rows up by key; a join here seq-scans the table.
             WHERE s.id = ANY(ARRAY(SELECT id FROM ready))
-            RETURNING s.id, s.mission_id, s.seq, s.name, s.spec, s.attempts, s.condition, s.priority
+            RETURNING s.id, s.mission_id, s.seq, s.name, s.kind, s.spec, s.attempts, s.condition, s.priority
          ), started AS (",
         insert_events!(
             kinds: ["$4"],
@@ -109,7 +114,10 @@ pub async fn claim_ready(
              FROM claimed c",
         ),
         ")
-         SELECT c.id, c.mission_id, c.name, c.spec, c.attempts, x.params, c.condition,
+         SELECT c.id, c.mission_id, c.name, c.spec, c.attempts, c.condition,
+                CASE WHEN c.kind = 'shell' THEN
+                    (SELECT p.params FROM ops_missions m JOIN ops_mission_proposals p ON p.id = m.proposal_id
+                     WHERE m.id = c.mission_id) END AS params,
                 -- earlier outputs, read only for a step that uses them
                 CASE WHEN c.condition IS NOT NULL OR strpos(c.spec::text, '{steps.') > 0 THEN
                     (SELECT coalesce(jsonb_object_agg(p.name, p.output), '{}'::jsonb)
@@ -117,9 +125,6 @@ pub async fn claim_ready(
                      WHERE p.mission_id = c.mission_id AND p.seq < c.seq
                        AND p.status = 'succeeded' AND p.output IS NOT NULL) END AS outputs
          FROM claimed c
-         CROSS JOIN LATERAL (
-            SELECT p.params FROM ops_missions m JOIN ops_mission_proposals p ON p.id = m.proposal_id
-            WHERE m.id = c.mission_id) x
          -- the worker starts them in this order (prefetched steps wait for a slot)
          ORDER BY c.priority DESC, c.id"
     ))

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::{Semaphore, watch};
@@ -33,18 +34,17 @@ pub(super) struct Talk {
 /// A claimed step made ready to run: its condition checked, its references resolved.
 /// An ending instead when it will not run: skipped, failed at once, or asking.
 pub(super) fn prepare(step: &Claimed) -> Result<StepSpec, Ending> {
-    let spec = serde_json::from_value::<StepSpec>(step.spec.clone()).map_err(|e| {
-        Ending::FailedForGood {
-            error: format!("unreadable step spec: {e}"),
-        }
+    // Read from the claimed values in place (`&Value` is a deserializer), not copies.
+    let spec = StepSpec::deserialize(&step.spec).map_err(|e| Ending::FailedForGood {
+        error: format!("unreadable step spec: {e}"),
     })?;
     let outputs: Outputs = match &step.outputs {
-        Some(v) => serde_json::from_value(v.clone()).unwrap_or_default(),
+        Some(v) => Outputs::deserialize(v).unwrap_or_default(),
         None => Outputs::new(),
     };
     if let Some(condition) = &step.condition {
         let condition: Condition =
-            serde_json::from_value(condition.clone()).map_err(|e| Ending::FailedForGood {
+            Condition::deserialize(condition).map_err(|e| Ending::FailedForGood {
                 error: format!("unreadable condition: {e}"),
             })?;
         if !condition.holds(&outputs) {
@@ -188,7 +188,11 @@ pub(super) async fn execute(
         mission_id: step.mission_id,
         step_id: step.id,
         attempt: step.attempts,
-        params: serde_json::from_value(step.params.clone()).unwrap_or_default(),
+        params: step
+            .params
+            .as_ref()
+            .and_then(|p| Deserialize::deserialize(p).ok())
+            .unwrap_or_default(),
         cancel,
         default_timeout: None,
         ask,
