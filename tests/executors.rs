@@ -181,6 +181,53 @@ async fn shell_missing_program() {
     assert!(matches!(out, Outcome::Failed { .. }), "{out:?}");
 }
 
+/// A bare program name is looked up on the step's own PATH as exec would: the first
+/// executable of that name (a plain file of that name before it is passed over), in a
+/// relative entry from the step's working directory.
+#[tokio::test]
+async fn shell_finds_the_program_on_the_steps_path() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch_dir("path");
+    let (plain, tools, work) = (dir.join("plain"), dir.join("tools"), dir.join("work"));
+    for d in [&plain, &tools, &work.join("bin")] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(plain.join("say-hi"), "#!/bin/sh\necho not me\n").unwrap();
+    for script in [tools.join("say-hi"), work.join("bin/say-rel")] {
+        std::fs::write(&script, "#!/bin/sh\necho \"hi from $0\"\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let step_path = format!("{}:{}:bin:/usr/bin:/bin", plain.display(), tools.display());
+    let with_path = |program: &str| StepSpec::Shell {
+        run: vec![program.into()],
+        cwd: Some(work.display().to_string()),
+        env: BTreeMap::from([("PATH".to_string(), step_path.clone())]),
+        timeout_ms: Some(10_000),
+    };
+    let Outcome::Succeeded { result, .. } = exec(&with_path("say-hi"), &ctx()).await else {
+        panic!("say-hi was not found on the step's PATH")
+    };
+    // A script's $0 is the path it was found at.
+    assert_eq!(
+        result["stdout"],
+        format!("hi from {}\n", tools.join("say-hi").display())
+    );
+    let Outcome::Succeeded { result, .. } = exec(&with_path("say-rel"), &ctx()).await else {
+        panic!("say-rel was not found through the relative PATH entry")
+    };
+    assert_eq!(
+        result["stdout"],
+        format!("hi from {}\n", work.join("bin/say-rel").display())
+    );
+    let Outcome::Failed { error, .. } = exec(&with_path("no-such-tool"), &ctx()).await else {
+        panic!("a missing program ran")
+    };
+    assert_eq!(
+        error,
+        "cannot start no-such-tool: No such file or directory"
+    );
+}
+
 #[tokio::test]
 async fn shell_arguments_are_literal() {
     let spec = shell(&["printf", "%s", "a; rm -rf / $(id) `id` > x"], None);

@@ -6,7 +6,7 @@
 //! secrets, its `.env` or its working directory.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -80,15 +80,38 @@ pub(super) async fn run(
         ));
     }
 
-    let mut cmd = Command::new(program);
-    cmd.args(args)
+    let dir = cwd.map(Path::new).unwrap_or(workdir.path.as_path());
+    let inherited = inherited_env();
+    // Found here on the step's own PATH, as the exec would: std spawns a program named
+    // by path with posix_spawn (vfork), but forks the whole daemon for a bare name when
+    // the environment is its own; a fork of a big threaded process costs more than the
+    // step (copied page tables, TLB shootdowns).
+    let step_path = env
+        .get("PATH")
+        .map(OsString::from)
+        .or_else(|| {
+            inherited
+                .iter()
+                .find(|(n, _)| n == "PATH")
+                .map(|(_, v)| v.clone())
+        })
+        .unwrap_or_else(|| DEFAULT_PATH.into());
+    // From an absolute directory: a relative candidate would be taken from `dir` again
+    // by the child, which changes into `dir` before it execs.
+    let search_from = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let Some(executable) = find_program(program, &step_path, &search_from) else {
+        return Outcome::failed(format!("cannot start {program}: No such file or directory"));
+    };
+    let mut cmd = Command::new(&executable);
+    cmd.arg0(program)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    cmd.current_dir(cwd.map(Path::new).unwrap_or(workdir.path.as_path()));
-    cmd.env_clear().envs(inherited_env()).envs(env);
+    cmd.current_dir(dir);
+    cmd.env_clear().envs(inherited).envs(env);
     for (name, value) in &ctx.params {
         cmd.env(param_env_name(name), value);
     }
@@ -250,6 +273,26 @@ fn io_reason(e: &std::io::Error) -> String {
         Some(i) => text[..i].to_string(),
         None => text,
     }
+}
+
+/// Where `program` is, as `execvp` would look for it: a name with a slash as it is, else
+/// the first executable file of that name in `path`'s directories (an empty or relative
+/// one is taken from `cwd`, the step's working directory). None: nowhere.
+pub(crate) fn find_program(program: &str, path: &OsStr, cwd: &Path) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    if program.is_empty() {
+        return None;
+    }
+    std::env::split_paths(path)
+        .map(|dir| cwd.join(dir).join(program))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// The part of the daemon's environment a step inherits (`INHERITED_ENV`, `LC_*`).

@@ -1,7 +1,8 @@
 //! The machine's process-spawn limit, for `bench worker --kind shell` to be read
 //! against in the same run: `true` spawned `count` times with `workers` at once, the
-//! way the shell executor spawns (own process group, clean environment, piped output
-//! read to the end, reaped) minus opsloop, and by `xargs -P` as a second opinion.
+//! way the shell executor spawns (found on PATH first, own process group, clean
+//! environment, piped output read to the end, reaped) minus opsloop, and by `xargs -P`
+//! as a second opinion.
 
 use std::process::Stdio;
 use std::time::Instant;
@@ -11,6 +12,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 use super::round2;
+use crate::engine::executors::find_program;
 
 pub(super) struct Limit {
     /// Spawns per second from this process, as the shell executor spawns.
@@ -72,17 +74,19 @@ pub(super) async fn limit(count: u32, workers: u32) -> anyhow::Result<Limit> {
 
 /// One `true`, spawned as the shell executor spawns a step.
 async fn spawn_true() -> std::io::Result<()> {
-    let mut cmd = Command::new("true");
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    let cwd = std::env::temp_dir();
+    let program = find_program("true", &path, &cwd)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no `true` on PATH"))?;
+    let mut cmd = Command::new(program);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true)
+        .current_dir(cwd)
         .env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-        );
+        .env("PATH", path);
     let mut child = cmd.spawn()?;
     let (mut out, mut err) = (Vec::new(), Vec::new());
     if let Some(mut pipe) = child.stdout.take() {
