@@ -60,6 +60,10 @@ pub fn bot(token: &str, api_url: &str) -> anyhow::Result<Bot> {
     Ok(Bot::with_client(token, client).set_api_url(url))
 }
 
+/// How long the poller may take to stop once asked: its handlers finish and its last
+/// getUpdates confirms what they handled, unless the Bot API is slower than this.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// Poll for updates while holding this token's lock, until `shutdown`.
 pub async fn run(
     pool: PgPool,
@@ -108,6 +112,7 @@ async fn poll(
         .delete_webhook()
         .await
         .build();
+    let stopping = stop.clone();
     let stopper = tokio::spawn(async move {
         stop.cancelled().await;
         // Wait until the dispatcher accepts the shutdown (it may still be starting).
@@ -121,12 +126,24 @@ async fn poll(
             }
         }
     });
-    dispatcher
-        .dispatch_with_listener(
-            listener,
-            LoggingErrorHandler::with_custom_text("Telegram polling"),
-        )
-        .await;
+    let dispatching = dispatcher.dispatch_with_listener(
+        listener,
+        LoggingErrorHandler::with_custom_text("Telegram polling"),
+    );
+    tokio::select! {
+        () = dispatching => {}
+        // The dispatcher's shutdown ends with one more getUpdates, to confirm the
+        // updates it handled; a Bot API that does not answer it would hold the exit up
+        // for the client's whole timeout (40 s). Updates it could not confirm come
+        // again at the next start, as after a crash.
+        () = async {
+            stopping.cancelled().await;
+            tokio::time::sleep(STOP_GRACE).await;
+        } => warn!(
+            grace_s = STOP_GRACE.as_secs(),
+            "Telegram poller: the Bot API did not answer in time; stopping without it"
+        ),
+    }
     stopper.abort();
     info!("Telegram poller stopped");
     Ok(())
