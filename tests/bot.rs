@@ -69,9 +69,11 @@ fn start_daemon(db: &TestDb, fake: &FakeTelegram, limits: &str) -> Daemon {
 }
 
 struct World {
+    // First: fields drop in order, and the daemon must stop while its database and
+    // Bot API are still there (else its last Telegram call waits for the client timeout).
+    _daemon: Daemon,
     db: TestDb,
     fake: FakeTelegram,
-    _daemon: Daemon,
 }
 
 /// A daemon with the users above; every known user has said /start privately.

@@ -48,9 +48,11 @@ fn user(id: i64) -> User {
 }
 
 struct World {
+    // First: fields drop in order, and the daemon must stop while its database and
+    // Bot API are still there (else its last Telegram call waits for the client timeout).
+    _daemon: Daemon,
     db: TestDb,
     fake: FakeTelegram,
-    _daemon: Daemon,
 }
 
 impl World {

@@ -87,9 +87,11 @@ steps = [ {{ name = "think", kind = "shell", timeout = "60s", run = ["sh", "-c",
 }
 
 struct World {
+    // First: fields drop in order, and the daemon must stop while its database and
+    // Bot API are still there (else its last Telegram call waits for the client timeout).
+    daemon: Option<Daemon>,
     db: TestDb,
     fake: FakeTelegram,
-    daemon: Option<Daemon>,
     http: String,
 }
 
