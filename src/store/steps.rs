@@ -162,8 +162,9 @@ pub async fn renew_leases(
     .await?)
 }
 
-/// Give a step back to the queue at shutdown (and wake the workers): the interrupted
-/// attempt does not count. False when the lease was no longer held.
+/// Give a step back to the queue (and wake the workers), at shutdown or when it was held
+/// too long without starting: the attempt does not count. False when the lease was no
+/// longer held.
 pub async fn release(pool: &PgPool, owner: &str, step_id: i64, attempt: i32) -> OpsResult<bool> {
     let released = sqlx::query(
         "WITH r AS (

@@ -22,7 +22,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::db::channels;
 
@@ -306,7 +306,7 @@ impl Worker {
     }
 
     /// A step's execution ended: free its slot and store its ending (or give it back
-    /// to the queue when we are shutting down).
+    /// to the queue when we are shutting down, or it was held too long to start).
     async fn finished(
         &self,
         done: Done,
@@ -336,7 +336,7 @@ impl Worker {
             }
             // Killed because the lease is gone: the step was not cancelled. An ending
             // that came first (success, failure) is still offered, fenced by the lease.
-            STOP_LEASE_LOST if matches!(done.ending, Ending::Cancelled { .. }) => {
+            STOP_LEASE_LOST if matches!(done.ending, Some(Ending::Cancelled { .. })) => {
                 warn!(
                     step_id = done.step_id,
                     attempt = step.attempt,
@@ -346,7 +346,19 @@ impl Worker {
             }
             _ => {}
         }
-        if endings.send((lease, done.ending)).is_err() {
+        let Some(ending) = done.ending else {
+            match steps::release(&self.pool, &self.id, done.step_id, step.attempt).await {
+                Ok(_) => debug!(
+                    step_id = done.step_id,
+                    "held too long without a slot; given back to the queue"
+                ),
+                Err(e) => {
+                    warn!(error = %e, "release failed; the lease will expire and the heartbeat recovers it")
+                }
+            }
+            return;
+        };
+        if endings.send((lease, ending)).is_err() {
             warn!(
                 step_id = done.step_id,
                 "the completer is gone; the lease will expire and the step be retried"
@@ -431,10 +443,11 @@ fn cancel_mission(running: &HashMap<i64, Running>, mission_id: i64) {
     }
 }
 
-/// A finished execution: which step, how it ended, how long it ran.
+/// A finished execution: which step, how it ended (None: it never started, held too
+/// long without a slot), how long it ran or waited.
 struct Done {
     step_id: i64,
-    ending: Ending,
+    ending: Option<Ending>,
     took: Duration,
 }
 
@@ -442,16 +455,22 @@ impl Done {
     fn new(step_id: i64, ending: Ending, took: Duration) -> Done {
         Done {
             step_id,
-            ending,
+            ending: Some(ending),
             took,
         }
     }
-}
 
-impl Done {
+    fn given_back(step_id: i64, waited: Duration) -> Done {
+        Done {
+            step_id,
+            ending: None,
+            took: waited,
+        }
+    }
+
     fn retry_in(&self) -> Option<Duration> {
         match self.ending {
-            Ending::Failed { retry_in, .. } => Some(retry_in),
+            Some(Ending::Failed { retry_in, .. }) => Some(retry_in),
             _ => None,
         }
     }

@@ -9,6 +9,11 @@ use std::time::Duration;
 /// steps that take `HELD_WAIT` or longer are never held waiting in one worker.
 const HELD_WAIT: Duration = Duration::from_millis(100);
 const PREFETCH: usize = 64;
+/// The pace looks back, so a worker whose steps were tiny may hold long ones it cannot
+/// start soon: a held step that has waited this long for a slot goes back to the queue
+/// for any worker, and counts in the pace as a step that long (one is enough to stop
+/// the holding).
+pub(super) const HELD_LIMIT: Duration = Duration::from_secs(1);
 
 /// How long recent steps took (an exponential moving average).
 #[derive(Default)]

@@ -16,6 +16,7 @@ use tracing::warn;
 
 use super::Done;
 use super::asks::AskServer;
+use super::pace::HELD_LIMIT;
 use crate::domain::outputs::{Condition, Outputs, Progress};
 use crate::domain::steps::StepSpec;
 use crate::engine::executors::{self, Executors, Outcome, StepContext};
@@ -153,10 +154,12 @@ pub(super) async fn execute(
             return Done::new(step.id, ending, started.elapsed());
         }
     };
-    // A prefetched step waits for a slot; a cancel (or shutdown) meanwhile ends the wait.
+    // A prefetched step waits for a slot; a cancel (or shutdown) meanwhile ends the wait,
+    // and so does waiting too long: then it never ran, and goes back to the queue.
     let _slot = tokio::select! {
         slot = slots.acquire_owned() => slot.ok(),
         _ = cancel.cancelled() => None,
+        () = tokio::time::sleep(HELD_LIMIT) => return Done::given_back(step.id, started.elapsed()),
     };
     let started = Instant::now();
     let shell = matches!(spec, StepSpec::Shell { .. });
