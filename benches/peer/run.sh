@@ -163,6 +163,6 @@ print(json.dumps({
     "n": n,
     "concurrency": workers,
     "rounds": rounds,
-    "target_ratio": 1.5,
+    "target_ratio": 1.0,
 }, separators=(",", ":")))
 PY
