@@ -321,12 +321,29 @@ impl Worker {
             owner: self.id.clone(),
             attempt: step.attempt,
         };
-        match step.stop.load(Ordering::SeqCst) {
-            STOP_SHUTDOWN => {
+        let stopped = step.stop.load(Ordering::SeqCst);
+        // Killed because the lease is gone: the step was not cancelled. An ending
+        // that came first (success, failure) is still offered, fenced by the lease.
+        if stopped == STOP_LEASE_LOST && matches!(done.ending, Some(Ending::Cancelled { .. })) {
+            warn!(
+                step_id = done.step_id,
+                attempt = step.attempt,
+                "step killed: its lease was lost; the heartbeat gives it to another worker once the lease expires"
+            );
+            return;
+        }
+        let ending = match done.ending {
+            Some(ending) if stopped != STOP_SHUTDOWN => ending,
+            // Stopped by the shutdown, or held too long to start: back to the queue.
+            ending => {
                 match steps::release(&self.pool, &self.id, done.step_id, step.attempt).await {
-                    Ok(_) => info!(
+                    Ok(_) if ending.is_some() => info!(
                         step_id = done.step_id,
                         "released at shutdown; another worker will run it"
+                    ),
+                    Ok(_) => debug!(
+                        step_id = done.step_id,
+                        "held too long without a slot; given back to the queue"
                     ),
                     Err(e) => {
                         warn!(error = %e, "release failed; the lease will expire and the heartbeat recovers it")
@@ -334,29 +351,6 @@ impl Worker {
                 }
                 return;
             }
-            // Killed because the lease is gone: the step was not cancelled. An ending
-            // that came first (success, failure) is still offered, fenced by the lease.
-            STOP_LEASE_LOST if matches!(done.ending, Some(Ending::Cancelled { .. })) => {
-                warn!(
-                    step_id = done.step_id,
-                    attempt = step.attempt,
-                    "step killed: its lease was lost; the heartbeat gives it to another worker once the lease expires"
-                );
-                return;
-            }
-            _ => {}
-        }
-        let Some(ending) = done.ending else {
-            match steps::release(&self.pool, &self.id, done.step_id, step.attempt).await {
-                Ok(_) => debug!(
-                    step_id = done.step_id,
-                    "held too long without a slot; given back to the queue"
-                ),
-                Err(e) => {
-                    warn!(error = %e, "release failed; the lease will expire and the heartbeat recovers it")
-                }
-            }
-            return;
         };
         if endings.send((lease, ending)).is_err() {
             warn!(
