@@ -173,6 +173,36 @@ async fn old_finished_rows_go_and_live_ones_stay() {
     );
 }
 
+/// Questions asked outside a mission (`POST /questions`) have no mission to go with:
+/// retention deletes them once closed for longer than `missions`; open ones, recent
+/// ones and a running mission's stay.
+#[tokio::test]
+async fn old_closed_questions_outside_missions_go() {
+    let db = test_db().await;
+    let policy = opsloop::domain::policy::parse(POLICY).expect("policy");
+    let running = propose(&db, "job", 1).await.mission_id.expect("mission");
+    exec(
+        &db,
+        &format!(
+            "INSERT INTO ops_questions (mission_id, asked_by, question, audience, status, answered_at, created_at) VALUES
+               (NULL, 'agent:a', 'old answered', 'operators', 'answered', now() - interval '2 hours', now() - interval '3 hours'),
+               (NULL, 'agent:a', 'old expired', 'operators', 'expired', now() - interval '2 hours', now() - interval '3 hours'),
+               (NULL, 'agent:a', 'old cancelled', 'operators', 'cancelled', now() - interval '2 hours', now() - interval '3 hours'),
+               (NULL, 'agent:a', 'recent', 'operators', 'answered', now(), now() - interval '3 hours'),
+               (NULL, 'agent:a', 'still open', 'operators', 'open', NULL, now() - interval '3 hours'),
+               ({running}, 'step', 'of a running mission', 'operators', 'answered', now() - interval '2 hours', now() - interval '3 hours')"
+        ),
+    )
+    .await;
+    let summary = heartbeat::tick(&db.pool, &policy).await.expect("tick");
+    assert_eq!(summary.deleted.questions, 3, "{:?}", summary.deleted);
+    let left: Vec<String> = sqlx::query_scalar("SELECT question FROM ops_questions ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .expect("questions");
+    assert_eq!(left, ["recent", "still open", "of a running mission"]);
+}
+
 #[tokio::test]
 async fn nothing_is_deleted_without_a_retention_policy() {
     let db = test_db().await;

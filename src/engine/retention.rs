@@ -1,8 +1,8 @@
 //! Retention (`[retention]`): the heartbeat deletes what is older than the policy says,
 //! in bounded batches, so tables do not grow forever on a long-running VPS. Never
-//! deleted: anything of a running mission or a pending proposal, unprocessed events,
-//! events a pending notification will still render, and the sent messages that live
-//! prompts and mission cards are edited through.
+//! deleted: anything of a running mission or a pending proposal, open questions,
+//! unprocessed events, events a pending notification will still render, and the sent
+//! messages that live prompts and mission cards are edited through.
 
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use sqlx::PgPool;
 
 use crate::domain::error::OpsResult;
 use crate::domain::policy::RetentionPolicy;
-use crate::store::{events, outbox, proposals, reactions, runs};
+use crate::store::{events, outbox, proposals, questions, reactions, runs};
 
 /// Statements per kind of row and tick: with `batch` rows each, a tick's work is bounded.
 const ROUNDS: u32 = 10;
@@ -20,6 +20,8 @@ const ROUNDS: u32 = 10;
 #[derive(Debug, Default, Clone, Copy, Serialize)]
 pub struct Deleted {
     pub proposals: u64,
+    /// Closed questions asked outside a mission (`missions` keeps them as long).
+    pub questions: u64,
     pub events: u64,
     pub reactions: u64,
     pub action_runs: u64,
@@ -36,6 +38,10 @@ pub async fn enforce(pool: &PgPool, policy: &RetentionPolicy) -> OpsResult<Delet
         // letters go with them by cascade).
         proposals: prune(policy.missions, batch, |c, n| {
             proposals::delete_decided_before(pool, c, n)
+        })
+        .await?,
+        questions: prune(policy.missions, batch, |c, n| {
+            questions::delete_closed_before(pool, c, n)
         })
         .await?,
         events: prune(policy.events, batch, |c, n| {

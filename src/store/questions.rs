@@ -4,6 +4,7 @@
 //! insert ─▶ open ──answer──▶ answered    (the first valid answer; or the default at the timeout)
 //!           open ──expire──▶ expired     (the timeout, no default)
 //!           open ──cancel_of_mission / cancel_of_attempt / cancel──▶ cancelled
+//! closed, outside a mission ──delete_closed_before──▶ gone   (retention)
 //! ```
 //!
 //! Every transition out of `open` is conditional on `status = 'open'`, so the first one
@@ -248,4 +249,24 @@ pub async fn take_due_reminders(
     .bind(limit)
     .fetch_all(conn)
     .await?)
+}
+
+/// Delete up to `limit` closed questions asked outside a mission (`POST /questions`)
+/// that closed before `cutoff`, oldest first. A mission's questions go with it.
+pub async fn delete_closed_before(
+    pool: &PgPool,
+    cutoff: DateTime<Utc>,
+    limit: i64,
+) -> OpsResult<u64> {
+    Ok(sqlx::query(
+        "DELETE FROM ops_questions WHERE id = ANY(ARRAY(
+            SELECT id FROM ops_questions
+            WHERE mission_id IS NULL AND status <> 'open' AND answered_at < $1
+            ORDER BY id LIMIT $2))",
+    )
+    .bind(cutoff)
+    .bind(limit)
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
