@@ -788,6 +788,42 @@ async fn lease_recovery_racing_a_cancel_sees_it() {
     assert!(!kinds.contains(&"step.recovered".to_string()), "{kinds:?}");
 }
 
+/// A step given back (at shutdown, or held too long to start) while a cancel of its
+/// mission is in progress waits for it, then ends cancelled: not queued behind the
+/// cancel's back, where no worker would ever claim it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_racing_a_cancel_sees_it() {
+    let (db, policy) = bare().await;
+    let mission = support::propose(&db.pool, &policy, "flaky", &[])
+        .await
+        .mission_id
+        .expect("mission");
+    let step = claim_one(&db).await;
+    let (pool, id, attempt) = (db.pool.clone(), step.id, step.attempts);
+    let released = racing_a_cancel(&db, mission, async move {
+        steps::release(&pool, "test-worker", id, attempt)
+            .await
+            .expect("release")
+    })
+    .await;
+    assert!(released, "the lease was held");
+    assert_eq!(step_row(&db, step.id).await, ("cancelled".into(), 0));
+
+    // Without a cancel, it is queued again, its attempt not counted.
+    let running = support::propose(&db.pool, &policy, "flaky", &[])
+        .await
+        .mission_id
+        .expect("mission");
+    let step = claim_one(&db).await;
+    assert_eq!(step.mission_id, running);
+    assert!(
+        steps::release(&db.pool, "test-worker", step.id, step.attempts)
+            .await
+            .expect("release")
+    );
+    assert_eq!(step_row(&db, step.id).await, ("queued".into(), 0));
+}
+
 /// A NUL byte in a step's output once made its result unstorable (PostgreSQL refuses
 /// NUL in text): the batch was retried, then dropped, and the step ran again.
 #[tokio::test]

@@ -5,8 +5,9 @@
 //! create ─▶ queued (the first step) / waiting (the rest)
 //! waiting ──queue_next──▶ queued ──claim_ready──▶ running   (renew_leases keeps it ours)
 //! running ──store_endings──▶ succeeded | cancelled | failed | queued (a retry, after its backoff)
-//! running ──release──▶ queued          (shutdown: the interrupted attempt does not count)
 //! running ──recover_expired──▶ queued | failed | cancelled   (the lease ran out: the heartbeat)
+//! running ──release──▶ queued | cancelled   (given back at shutdown or held too long; the
+//!                                           attempt does not count)
 //! running ──store_endings──▶ skipped (its `when` did not hold) | asking (an ask step)
 //! asking ──answer_asking──▶ succeeded | ──fail_asking──▶ failed   (its question expired)
 //! waiting, queued, asking ──cancel_remaining──▶ cancelled   (the mission failed or was cancelled)
@@ -163,13 +164,21 @@ pub async fn renew_leases(
 }
 
 /// Give a step back to the queue (and wake the workers), at shutdown or when it was held
-/// too long without starting: the attempt does not count. False when the lease was no
-/// longer held.
+/// too long without starting: the attempt does not count. If its mission is no longer
+/// running, it ends cancelled instead, as the mission's other unstarted steps did (its
+/// mission is locked `FOR KEY SHARE`, so a cancel in progress is waited for and seen).
+/// False when the lease was no longer held.
 pub async fn release(pool: &PgPool, owner: &str, step_id: i64, attempt: i32) -> OpsResult<bool> {
     let released = sqlx::query(
-        "WITH r AS (
+        "WITH m AS MATERIALIZED (
+            SELECT m.status = 'running' AS running FROM ops_missions m
+            WHERE m.id = (SELECT mission_id FROM ops_mission_steps WHERE id = $1)
+            FOR KEY SHARE
+         ), r AS (
             UPDATE ops_mission_steps
-            SET status = 'queued', attempts = greatest(attempts - 1, 0), run_after = now(),
+            SET status = CASE WHEN (SELECT running FROM m) THEN 'queued' ELSE 'cancelled' END,
+                finished_at = CASE WHEN (SELECT running FROM m) THEN NULL ELSE now() END,
+                attempts = greatest(attempts - 1, 0), run_after = now(),
                 lease_owner = NULL, lease_expires_at = NULL, started_at = NULL
             WHERE id = $1 AND lease_owner = $2 AND attempts = $3 AND status = 'running'
             RETURNING id)
