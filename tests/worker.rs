@@ -537,6 +537,14 @@ async fn bare() -> (support::TestDb, opsloop::domain::policy::Policy) {
     (db, opsloop::domain::policy::parse(POLICY).expect("policy"))
 }
 
+/// A mission of `flaky` (its first step fails), started.
+async fn flaky_mission(db: &TestDb, policy: &opsloop::domain::policy::Policy) -> i64 {
+    support::propose(&db.pool, policy, "flaky", &[])
+        .await
+        .mission_id
+        .expect("mission")
+}
+
 async fn claim_one(db: &TestDb) -> steps::Claimed {
     let mut claimed = steps::claim_ready(&db.pool, "test-worker", 10, Duration::from_secs(60))
         .await
@@ -588,10 +596,7 @@ async fn event_kinds(db: &TestDb, mission: i64) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_ending_after_the_cancel_ends_the_step_cancelled() {
     let (db, policy) = bare().await;
-    let flaky = support::propose(&db.pool, &policy, "flaky", &[])
-        .await
-        .mission_id
-        .expect("mission");
+    let flaky = flaky_mission(&db, &policy).await;
     let step = claim_one(&db).await;
     opsloop::engine::missions::cancel(&db.pool, flaky, "test", "cli")
         .await
@@ -637,10 +642,7 @@ async fn an_attempt_ending_after_the_cancel_ends_the_step_cancelled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_of_a_mission_that_is_not_running_is_not_claimed() {
     let (db, policy) = bare().await;
-    let mission = support::propose(&db.pool, &policy, "flaky", &[])
-        .await
-        .mission_id
-        .expect("mission");
+    let mission = flaky_mission(&db, &policy).await;
     // What a lost race used to leave behind: the mission cancelled, its step queued.
     sqlx::query("UPDATE ops_missions SET status = 'cancelled', finished_at = now() WHERE id = $1")
         .bind(mission)
@@ -658,10 +660,7 @@ async fn a_step_of_a_mission_that_is_not_running_is_not_claimed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_steps_wait_and_run_after_resume() {
     let (db, policy) = bare().await;
-    let mission = support::propose(&db.pool, &policy, "flaky", &[])
-        .await
-        .mission_id
-        .expect("mission");
+    let mission = flaky_mission(&db, &policy).await;
     let mut conn = db.pool.acquire().await.expect("conn");
     assert!(
         gates::set_paused(&mut conn, true, Source::Cli, "test")
@@ -735,10 +734,7 @@ async fn racing_a_cancel<T: Send + 'static>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ending_racing_a_cancel_sees_it() {
     let (db, policy) = bare().await;
-    let mission = support::propose(&db.pool, &policy, "flaky", &[])
-        .await
-        .mission_id
-        .expect("mission");
+    let mission = flaky_mission(&db, &policy).await;
     let step = claim_one(&db).await;
     let lease = Lease {
         step_id: step.id,
@@ -766,10 +762,7 @@ async fn an_ending_racing_a_cancel_sees_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_recovery_racing_a_cancel_sees_it() {
     let (db, policy) = bare().await;
-    let mission = support::propose(&db.pool, &policy, "flaky", &[])
-        .await
-        .mission_id
-        .expect("mission");
+    let mission = flaky_mission(&db, &policy).await;
     let step = claim_one(&db).await;
     sqlx::query(
         "UPDATE ops_mission_steps SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
@@ -794,10 +787,7 @@ async fn lease_recovery_racing_a_cancel_sees_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_racing_a_cancel_sees_it() {
     let (db, policy) = bare().await;
-    let mission = support::propose(&db.pool, &policy, "flaky", &[])
-        .await
-        .mission_id
-        .expect("mission");
+    let mission = flaky_mission(&db, &policy).await;
     let step = claim_one(&db).await;
     let (pool, id, attempt) = (db.pool.clone(), step.id, step.attempts);
     let released = racing_a_cancel(&db, mission, async move {
@@ -810,10 +800,7 @@ async fn a_release_racing_a_cancel_sees_it() {
     assert_eq!(step_row(&db, step.id).await, ("cancelled".into(), 0));
 
     // Without a cancel, it is queued again, its attempt not counted.
-    let running = support::propose(&db.pool, &policy, "flaky", &[])
-        .await
-        .mission_id
-        .expect("mission");
+    let running = flaky_mission(&db, &policy).await;
     let step = claim_one(&db).await;
     assert_eq!(step.mission_id, running);
     assert!(
