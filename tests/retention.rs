@@ -173,7 +173,7 @@ async fn old_finished_rows_go_and_live_ones_stay() {
     );
 }
 
-/// Questions asked outside a mission (`POST /questions`) have no mission to go with:
+/// Questions asked outside a mission (`POST /api/questions`) have no mission to go with:
 /// retention deletes them once closed for longer than `missions`; open ones, recent
 /// ones and a running mission's stay.
 #[tokio::test]

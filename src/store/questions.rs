@@ -251,7 +251,7 @@ pub async fn take_due_reminders(
     .await?)
 }
 
-/// Delete up to `limit` closed questions asked outside a mission (`POST /questions`)
+/// Delete up to `limit` closed questions asked outside a mission (`POST /api/questions`)
 /// that closed before `cutoff`, oldest first. A mission's questions go with it.
 pub async fn delete_closed_before(
     pool: &PgPool,
