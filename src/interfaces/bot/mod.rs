@@ -115,15 +115,10 @@ async fn poll(
     let stopping = stop.clone();
     let stopper = tokio::spawn(async move {
         stop.cancelled().await;
-        // Wait until the dispatcher accepts the shutdown (it may still be starting).
-        loop {
-            match dispatching.shutdown() {
-                Ok(done) => {
-                    let _ = tokio::time::timeout(Duration::from_secs(15), done).await;
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
+        // Ask until the dispatcher accepts the shutdown (it may still be starting). The
+        // call starts it; how long it may take is bounded below, not here.
+        while dispatching.shutdown().is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
     let dispatching = dispatcher.dispatch_with_listener(
